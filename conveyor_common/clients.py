@@ -1,0 +1,31 @@
+"""Client channels: round-robin over every address a `dns:///` name resolves
+to, keepalive, and request-id propagation."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import structlog
+
+from conveyor_common.interceptors import REQUEST_ID_KEY
+
+_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+CHANNEL_OPTIONS = [
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    """An insecure channel; `target` may be `host:port` or `dns:///host:port`."""
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """Forwards the current request id downstream."""
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    return ((REQUEST_ID_KEY, request_id),) if request_id else ()

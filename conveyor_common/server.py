@@ -1,0 +1,123 @@
+"""Server bootstrap shared by the services: health, reflection, the request
+interceptor, metrics, and graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import signal
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from conveyor_common.interceptors import RequestContextInterceptor
+
+log = structlog.get_logger("server")
+
+# Clients re-resolve DNS when a connection ages out, so new replicas get traffic.
+SERVER_OPTIONS = [
+    ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+    ("grpc.max_connection_age_grace_ms", 60 * 1000),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(interceptors=[RequestContextInterceptor()], options=SERVER_OPTIONS)
+
+
+def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> HealthState:
+    """Adds health (NOT_SERVING until set) and reflection."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    state = HealthState(servicer, names)
+    _extras[server] = ServerExtras(health=state)
+    return state
+
+
+class HealthState:
+    def __init__(self, servicer, service_names: list[str]):
+        self._servicer = servicer
+        self._names = service_names
+
+    async def set(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._names]:
+            await self._servicer.set(name, status)
+
+
+@dataclass
+class ServerExtras:
+    """What stopping a server must also stop: health, and the service's own
+    resources (an engine thread, tool processes, channels)."""
+
+    health: HealthState
+    on_stop: list[Callable] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+_extras: weakref.WeakKeyDictionary[grpc.aio.Server, ServerExtras] = weakref.WeakKeyDictionary()
+
+
+def extras(server: grpc.aio.Server) -> ServerExtras:
+    return _extras[server]
+
+
+def on_stop(server: grpc.aio.Server, callback: Callable) -> None:
+    """Registers a cleanup (plain or async) that stop_server runs after the server stops."""
+    _extras[server].on_stop.append(callback)
+
+
+async def stop_server(server: grpc.aio.Server, grace: float | None = None) -> None:
+    """Health to NOT_SERVING, stop with a grace period, then run the cleanups."""
+    ext = _extras.get(server)
+    if ext is not None:
+        await ext.health.set(False)
+    await server.stop(grace)
+    if ext is not None:
+        for task in ext.tasks:
+            task.cancel()
+        for callback in reversed(ext.on_stop):
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    return bound
+
+
+def start_metrics(port: int) -> None:
+    if port:
+        start_http_server(port)
+        log.info("metrics listening", port=port)
+
+
+async def run_until_signal(server: grpc.aio.Server, grace: float) -> None:
+    """Waits for SIGTERM or SIGINT, then stops gracefully so in-flight streams
+    can finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping", grace_seconds=grace)
+    await stop_server(server, grace)

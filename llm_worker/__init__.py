@@ -1,0 +1,1 @@
+"""llm_worker: owns a model and streams its output over gRPC."""

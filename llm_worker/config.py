@@ -1,0 +1,50 @@
+"""Command-line flags of the worker and the config they make."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from conveyor_common.defaults import WORKER_METRICS_PORT, WORKER_PORT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm_worker", description="Conveyor model worker")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=WORKER_PORT)
+    p.add_argument("--metrics-port", type=int, default=WORKER_METRICS_PORT, help="0 disables")
+    p.add_argument(
+        "--model",
+        default="",
+        help="Hugging Face model id or local path; empty means the embedded SmolLM2 GGUF",
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--cache-dir", default="", help="model conversion cache (default ~/.cache/conveyor)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=512, help="default per request")
+    p.add_argument("--max-queue", type=int, default=64, help="deltas buffered per stream")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds to finish streams on SIGTERM")
+    return p
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: str = ""
+    max_new_tokens: int = 512
+    max_queue: int = 64
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> WorkerConfig:
+        return cls(
+            model=ns.model,
+            device=ns.device,
+            dtype=ns.dtype,
+            cache_dir=ns.cache_dir,
+            max_new_tokens=ns.max_new_tokens,
+            max_queue=ns.max_queue,
+        )

@@ -1,0 +1,50 @@
+"""Loads a model and tokenizer onto the chosen device and dtype."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+import torch
+
+from llm_worker.config import WorkerConfig
+from llm_worker.model_cache import resolve
+
+log = structlog.get_logger("loader")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(flag: str) -> torch.device:
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(flag)
+
+
+def pick_dtype(flag: str, device: torch.device) -> torch.dtype:
+    if flag != "auto":
+        return _DTYPES[flag]
+    # Half precision is slow on most CPUs; bf16 is the norm on GPUs.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load(config: WorkerConfig):
+    """Returns (model, tokenizer, label)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(config.model, config.cache_dir)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device)
+    log.info(
+        "model loaded",
+        model=source.label,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    return model, tokenizer, source.label

@@ -1,0 +1,102 @@
+"""gRPC edge of the worker: protobuf in, plain types to the engine, protobuf out."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import structlog
+from conveyor.v1 import llm_worker_pb2, llm_worker_pb2_grpc
+
+from conveyor_common.convert import (
+    BadRequest,
+    finish_reason_to_pb,
+    message_from_pb,
+    sampling_from_pb,
+    tool_def_from_pb,
+)
+from llm_worker.engine import Completion, Engine, GenerationRequest, RequestError
+
+log = structlog.get_logger("worker")
+
+
+def request_from_pb(req: llm_worker_pb2.GenerateRequest) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=req.request_id or uuid.uuid4().hex,
+        messages=[message_from_pb(m) for m in req.messages],
+        tools=[tool_def_from_pb(t) for t in req.tools],
+        sampling=sampling_from_pb(req.sampling),
+        forced_completion=req.forced_decoding.completion
+        if req.HasField("forced_decoding")
+        else None,
+    )
+
+
+def completion_to_pb(c: Completion) -> llm_worker_pb2.GenerateComplete:
+    return llm_worker_pb2.GenerateComplete(
+        finish_reason=finish_reason_to_pb(c.finish_reason),
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        queue_seconds=c.queue_seconds,
+        prefill_seconds=c.prefill_seconds,
+        decode_seconds=c.decode_seconds,
+    )
+
+
+class LlmWorkerServicer(llm_worker_pb2_grpc.LlmWorkerServiceServicer):
+    def __init__(self, model_label: str, engine: Engine | None = None):
+        self.model_label = model_label
+        self.engine = engine  # None while the model loads
+
+    async def Generate(self, request, context):
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        try:
+            gen_request = request_from_pb(request)
+        except BadRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        request_id = gen_request.request_id
+        structlog.contextvars.bind_contextvars(generation=request_id)
+        try:
+            async for item in self.engine.generate(gen_request):
+                if isinstance(item, Completion):
+                    if item.message:
+                        yield llm_worker_pb2.GenerateResponse(
+                            request_id=request_id,
+                            error=llm_worker_pb2.GenerateError(message=item.message),
+                        )
+                        log.warning("generation failed", message=item.message)
+                        return
+                    log.info(
+                        "generation done",
+                        finish=item.finish_reason.value,
+                        tokens=item.completion_tokens,
+                        prefill_s=round(item.prefill_seconds, 3),
+                        decode_s=round(item.decode_seconds, 3),
+                    )
+                    yield llm_worker_pb2.GenerateResponse(
+                        request_id=request_id, complete=completion_to_pb(item)
+                    )
+                else:
+                    yield llm_worker_pb2.GenerateResponse(
+                        request_id=request_id,
+                        delta=llm_worker_pb2.GenerateDelta(
+                            text=item.text, token_ids=item.token_ids
+                        ),
+                    )
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def Abort(self, request, context):
+        found = self.engine.abort(request.request_id) if self.engine else False
+        return llm_worker_pb2.AbortResponse(found=found)
+
+    async def GetModelInfo(self, request, context):
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return llm_worker_pb2.GetModelInfoResponse(
+            model=self.model_label,
+            device=str(self.engine.device),
+            dtype=str(next(self.engine.model.parameters()).dtype).removeprefix("torch."),
+            max_context_tokens=self.engine.max_context,
+        )

@@ -1,0 +1,51 @@
+"""Command-line flags of the scheduler and the config they make."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from conveyor_common.defaults import (
+    GATEWAY_PORT,
+    SCHEDULER_METRICS_PORT,
+    SCHEDULER_PORT,
+    WORKER_PORT,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scheduler", description="Conveyor scheduler (public API)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=SCHEDULER_PORT)
+    p.add_argument("--metrics-port", type=int, default=SCHEDULER_METRICS_PORT, help="0 disables")
+    p.add_argument(
+        "--worker-target",
+        default=f"dns:///localhost:{WORKER_PORT}",
+        help="llm_worker address; dns:///name:port balances over every replica",
+    )
+    p.add_argument(
+        "--gateway-target",
+        default=f"dns:///localhost:{GATEWAY_PORT}",
+        help="tool_gateway address; dns:///name:port balances over every replica",
+    )
+    p.add_argument("--max-rounds", type=int, default=4, help="default rounds per run")
+    p.add_argument("--run-timeout", type=float, default=600.0, help="seconds, when no deadline")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds to finish runs on SIGTERM")
+    return p
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    worker_target: str = f"dns:///localhost:{WORKER_PORT}"
+    gateway_target: str = f"dns:///localhost:{GATEWAY_PORT}"
+    max_rounds: int = 4
+    run_timeout: float = 600.0
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> SchedulerConfig:
+        return cls(
+            worker_target=ns.worker_target,
+            gateway_target=ns.gateway_target,
+            max_rounds=ns.max_rounds,
+            run_timeout=ns.run_timeout,
+        )

@@ -1,0 +1,45 @@
+"""The unit parser interface and the trivial whole-call parser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ParsedUnit:
+    index: int
+    text: str
+    field: str = ""
+
+
+class UnitParser(Protocol):
+    def feed(self, text: str) -> list[ParsedUnit]:
+        """Consumes the next piece of the call's text; returns the units it completed."""
+
+    def finish(self) -> list[ParsedUnit]:
+        """The call's text ended; returns the units still open."""
+
+
+class WholeParser:
+    """PARTIAL_MODE_WHOLE: the entire call is one unit, complete at the end."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def feed(self, text: str) -> list[ParsedUnit]:
+        self._parts.append(text)
+        return []
+
+    def finish(self) -> list[ParsedUnit]:
+        text = "".join(self._parts)
+        return [ParsedUnit(0, text)] if text.strip() else []
+
+
+def parser_for(partial_mode: str) -> UnitParser:
+    """A fresh parser for a tool's partial mode (names as in PartialMode)."""
+    from scheduler.parsers.python_statements import PythonStatementParser
+
+    if partial_mode == "PYTHON_STATEMENTS":
+        return PythonStatementParser()
+    return WholeParser()

@@ -1,0 +1,337 @@
+"""One run: rounds of model output, tool calls found in it, units sent to
+the gateway as they complete, results fed back, events out in order.
+
+PARTIAL and SEQUENTIAL mode share every line of this file but one: whether a
+completed unit is sent now or held until its call is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from conveyor_common.types import FinishReason, Message, Sampling
+from scheduler.envelopes import CallClosed, CallOpened, CallText, EnvelopeScanner
+from scheduler.events import (
+    AbortVerdict,
+    CallOutcome,
+    ParseError,
+    RoundStarted,
+    RunEvent,
+    RunFinished,
+    TokenDelta,
+    ToolCallStarted,
+    UnitDispatched,
+    UnitResult,
+)
+from scheduler.gateway_client import ExecuteStream, GatewayClient, GatewayEvent
+from scheduler.parsers import ParsedUnit, UnitParser, parser_for
+from scheduler.timing import TimingRecorder
+from scheduler.tools import ToolInfo, fence_tools
+from scheduler.worker_client import WorkerClient, WorkerDone
+
+log = structlog.get_logger("run")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    messages: list[Message]
+    tools: dict[str, ToolInfo]  # the tools this run may call
+    partial: bool = True
+    sampling: Sampling = field(default_factory=Sampling)
+    max_rounds: int = 4
+    forced_completions: tuple[str, ...] = ()
+    envelopes: frozenset[str] = frozenset({"fence", "tag"})
+    timeout: float = 600.0
+
+
+@dataclass
+class _Call:
+    call_id: str
+    round: int
+    envelope: str
+    tool: ToolInfo | None = None  # None until a tag call's JSON names it
+    parser: UnitParser | None = None
+    text: list[str] = field(default_factory=list)
+    held: list[tuple[ParsedUnit, float]] = field(default_factory=list)  # (unit, completed at)
+    units_sent: int = 0
+    outcome: asyncio.Future | None = None  # CallOutcome | ParseError
+
+
+class Run:
+    def __init__(self, spec: RunSpec, worker: WorkerClient, gateway: GatewayClient):
+        self.spec = spec
+        self._worker = worker
+        self._gateway = gateway
+        self._queue: asyncio.Queue[RunEvent] = asyncio.Queue()
+        self._calls: dict[str, _Call] = {}
+        self._stream: ExecuteStream | None = None
+        self._timing = TimingRecorder()
+        self._fences = fence_tools(spec.tools)
+        self._decoding = False
+        self._delta_at = 0.0
+        self._abort: AbortVerdict | None = None
+        self._generation_id = ""
+        self._gateway_down = ""  # why the gateway stream failed, once it has
+        self._current: _Call | None = None
+
+    # ---- public ----------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[RunEvent]:
+        """Yields every event once, in order; RunFinished last. Leaving early
+        (client cancel) stops decoding and kills the run's tools."""
+        main = asyncio.create_task(self._main())
+        try:
+            while True:
+                event = await self._queue.get()
+                yield event
+                if isinstance(event, RunFinished):
+                    return
+        finally:
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await main
+            if self._stream is not None:
+                self._stream.cancel()
+
+    # ---- the run ---------------------------------------------------------
+
+    def _emit(self, event: RunEvent) -> None:
+        self._queue.put_nowait(event)
+
+    async def _main(self) -> None:
+        reason, message, final_text = FinishReason.ERROR, "", ""
+        try:
+            async with asyncio.timeout(self.spec.timeout):
+                reason, message, final_text = await self._rounds()
+        except TimeoutError:
+            reason, message = FinishReason.DEADLINE_EXCEEDED, "the run's deadline passed"
+        except Exception as e:  # a failed service ends the run with a clear reason
+            log.warning("run failed", error=str(e))
+            reason, message = FinishReason.ERROR, str(e)
+        if self._stream is not None:
+            if reason in (FinishReason.STOP, FinishReason.MAX_ROUNDS, FinishReason.FORCED_END):
+                await self._stream.finish(wait=5.0)
+            else:
+                self._stream.cancel()
+        timing = self._timing.summary()
+        log.info(
+            "run done",
+            finish=reason.value,
+            total_s=round(timing.total_seconds, 3),
+            hidden_s=round(timing.hidden_tool_seconds, 3),
+            units=timing.units_dispatched,
+        )
+        self._emit(RunFinished(reason, message, final_text, timing))
+
+    async def _rounds(self) -> tuple[FinishReason, str, str]:
+        messages = list(self.spec.messages)
+        text = ""
+        for round_no in range(self.spec.max_rounds):
+            self._emit(RoundStarted(round_no))
+            text, done = await self._generate(round_no, messages)
+            calls = [c for c in self._calls.values() if c.round == round_no]
+            if self._abort is not None:
+                for call in calls:
+                    if not call.outcome.done() and self._stream is not None:
+                        self._stream.cancel_call(call.call_id, "the run was aborted")
+                return FinishReason.ABORTED, self._abort.reason, text
+            if not calls:
+                return done.finish_reason, "", text
+            outcomes = [await call.outcome for call in calls]
+            messages.append(Message("assistant", text))
+            for call, outcome in zip(calls, outcomes, strict=True):
+                messages.append(_tool_message(call, outcome))
+        return (
+            FinishReason.MAX_ROUNDS,
+            f"the model still called tools after {self.spec.max_rounds} rounds",
+            text,
+        )
+
+    async def _generate(self, round_no: int, messages: list[Message]) -> tuple[str, WorkerDone]:
+        forced = self.spec.forced_completions
+        self._generation_id = f"{self.spec.run_id}-r{round_no}"
+        scanner = EnvelopeScanner(
+            self._fences, tags="tag" in self.spec.envelopes, fences="fence" in self.spec.envelopes
+        )
+        parts: list[str] = []
+        done: WorkerDone | None = None
+        self._decoding = True
+        start = time.perf_counter()
+        stream = self._worker.generate(
+            self._generation_id,
+            messages,
+            list(self.spec.tools.values()),
+            self.spec.sampling,
+            forced[round_no] if round_no < len(forced) else None,
+            timeout=self.spec.timeout,
+        )
+        try:
+            # aclosing: leaving the loop early must cancel the worker's stream now.
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    if isinstance(item, WorkerDone):
+                        done = item
+                        break
+                    self._delta_at = time.perf_counter()
+                    parts.append(item.text)
+                    self._emit(TokenDelta(round_no, item.text, item.token_count))
+                    self._timing.tokens(item.token_count)
+                    for event in scanner.feed(item.text):
+                        self._on_scan(round_no, event)
+                    if self._abort is not None:
+                        break  # leaving the stream stops decoding
+        finally:
+            self._decoding = False
+            self._timing.decoded(start, time.perf_counter())
+        for event in scanner.finish():
+            self._on_scan(round_no, event)
+        return "".join(parts), done or WorkerDone(FinishReason.ABORTED, 0, 0.0, 0.0)
+
+    # ---- calls -----------------------------------------------------------
+
+    def _on_scan(self, round_no: int, event) -> None:
+        if isinstance(event, CallOpened):
+            call = _Call(f"call-{len(self._calls)}", round_no, event.envelope)
+            call.outcome = asyncio.get_running_loop().create_future()
+            self._calls[call.call_id] = call
+            self._current = call
+            if event.tool:
+                self._start_call(call, self.spec.tools[event.tool])
+        elif isinstance(event, CallText):
+            call = self._current
+            call.text.append(event.text)
+            if call.parser is not None:
+                for unit in call.parser.feed(event.text):
+                    self._unit_ready(call, unit)
+        elif isinstance(event, CallClosed):
+            self._close_call(self._current)
+
+    def _start_call(self, call: _Call, tool: ToolInfo) -> None:
+        call.tool = tool
+        call.parser = parser_for(tool.partial_mode)
+        self._emit(ToolCallStarted(call.call_id, tool.name, call.round, tool.partial_mode))
+        self._ensure_stream().open(call.call_id, tool.name, session_key=self.spec.run_id)
+        if self._gateway_down:
+            self._fail_call(call, self._gateway_down)
+
+    def _unit_ready(self, call: _Call, unit: ParsedUnit) -> None:
+        # The one difference between the modes.
+        if self.spec.partial and call.tool.partial_safe:
+            self._dispatch(call, unit, self._delta_at)
+        else:
+            call.held.append((unit, self._delta_at))
+
+    def _dispatch(self, call: _Call, unit: ParsedUnit, completed_at: float) -> None:
+        now = time.perf_counter()
+        self._timing.dispatched(now - completed_at)
+        self._emit(UnitDispatched(call.call_id, unit.index, unit.text, unit.field, self._decoding))
+        self._ensure_stream().unit(call.call_id, unit)
+        call.units_sent += 1
+
+    def _close_call(self, call: _Call) -> None:
+        full_text = "".join(call.text)
+        if call.tool is None:  # a tag call: the JSON names the tool
+            try:
+                tool, command = self._resolve_tag_call(full_text)
+            except ValueError as e:
+                error = ParseError(call.call_id, str(e))
+                self._emit(error)
+                call.outcome.set_result(error)
+                return
+            self._start_call(call, tool)
+            full_text = command
+            for unit in call.parser.feed(command):
+                self._unit_ready(call, unit)
+        for unit in call.parser.finish():
+            self._unit_ready(call, unit)
+        for unit, completed_at in call.held:
+            self._dispatch(call, unit, completed_at)
+        call.held.clear()
+        self._ensure_stream().close_call(call.call_id, full_text, call.units_sent)
+
+    def _resolve_tag_call(self, text: str) -> tuple[ToolInfo, str]:
+        """Returns the tool and the command text its parser takes."""
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tool call is not valid JSON: {e}") from e
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            raise ValueError('tool call must be an object with a "name" string')
+        name = payload["name"]
+        tool = self.spec.tools.get(name)
+        if tool is None:
+            known = ", ".join(sorted(self.spec.tools)) or "none"
+            raise ValueError(f"unknown tool {name!r}; available: {known}")
+        arguments = payload.get("arguments", {})
+        if isinstance(arguments, str):  # some models send the arguments JSON-encoded
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"tool call arguments are not valid JSON: {e}") from e
+        if tool.command_field:
+            command = arguments.get(tool.command_field) if isinstance(arguments, dict) else None
+            if not isinstance(command, str):
+                raise ValueError(f"tool {name!r} needs a string argument {tool.command_field!r}")
+            return tool, command
+        return tool, json.dumps(arguments)
+
+    # ---- gateway ---------------------------------------------------------
+
+    def _ensure_stream(self) -> ExecuteStream:
+        if self._stream is None:
+            self._stream = self._gateway.stream(
+                self.spec.run_id, self.spec.timeout, self._on_gateway, self._on_gateway_failure
+            )
+        return self._stream
+
+    async def _on_gateway(self, event: GatewayEvent) -> None:
+        if isinstance(event, tuple):
+            return  # unit started: its time is taken from the result's duration
+        call = self._calls.get(event.call_id)
+        if call is None:
+            return
+        if isinstance(event, UnitResult):
+            self._timing.tool_ran(time.perf_counter(), event.duration_seconds)
+            self._emit(event)
+        elif isinstance(event, CallOutcome):
+            self._emit(event)
+            if not call.outcome.done():
+                call.outcome.set_result(event)
+        elif isinstance(event, AbortVerdict):
+            self._emit(event)
+            if self._abort is None:
+                self._abort = event
+                await self._worker.abort(self._generation_id)
+
+    async def _on_gateway_failure(self, message: str) -> None:
+        """The gateway died: every open call fails with its message; the run
+        finishes its round and reports the calls' errors."""
+        self._gateway_down = message
+        for call in self._calls.values():
+            if call.tool is not None:
+                self._fail_call(call, message)
+
+    def _fail_call(self, call: _Call, message: str) -> None:
+        if not call.outcome.done():
+            outcome = CallOutcome(call.call_id, False, error_code="SANDBOX", error_message=message)
+            self._emit(outcome)
+            call.outcome.set_result(outcome)
+
+
+def _tool_message(call: _Call, outcome: CallOutcome | ParseError) -> Message:
+    name = call.tool.name if call.tool else ""
+    if isinstance(outcome, ParseError):
+        content = f"error: {outcome.message}"
+    elif outcome.error_code:
+        content = f"error ({outcome.error_code}): {outcome.error_message}"
+    else:
+        content = outcome.output
+    return Message("tool", content, name=name, tool_call_id=call.call_id)

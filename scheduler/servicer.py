@@ -1,0 +1,181 @@
+"""gRPC edge of the scheduler: RunRequest in, RunResponse events out."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import structlog
+from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc, tool_gateway_pb2
+
+from conveyor_common.convert import (
+    BadRequest,
+    finish_reason_to_pb,
+    message_from_pb,
+    sampling_from_pb,
+)
+from scheduler import events as ev
+from scheduler.config import SchedulerConfig
+from scheduler.gateway_client import GatewayClient, GatewayError
+from scheduler.run import Run, RunSpec
+from scheduler.tools import ToolInfo
+
+log = structlog.get_logger("scheduler")
+
+_ENVELOPES = {
+    conveyor_pb2.ENVELOPE_TOOL_CALL_TAG: "tag",
+    conveyor_pb2.ENVELOPE_MARKDOWN_FENCE: "fence",
+    conveyor_pb2.ENVELOPE_PLAN: "plan",
+}
+TOOLS_TTL_S = 30.0
+
+
+class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
+    def __init__(self, config: SchedulerConfig, worker, gateway: GatewayClient):
+        self.config = config
+        self.worker = worker
+        self.gateway = gateway
+        self._tools: dict[str, ToolInfo] = {}
+        self._tools_at = 0.0
+
+    async def _hosted_tools(self) -> dict[str, ToolInfo]:
+        if not self._tools or time.monotonic() - self._tools_at > TOOLS_TTL_S:
+            self._tools = await self.gateway.list_tools()
+            self._tools_at = time.monotonic()
+        return self._tools
+
+    async def Run(self, request, context):
+        run_id = request.run_id or uuid.uuid4().hex[:16]
+        structlog.contextvars.bind_contextvars(run_id=run_id)
+        try:
+            hosted = await self._hosted_tools()
+            spec = self._spec(request, run_id, hosted, context.time_remaining())
+        except BadRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except GatewayError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        sequence = 0
+        async for event in Run(spec, self.worker, self.gateway).events():
+            yield event_to_pb(event, run_id, sequence)
+            sequence += 1
+
+    def _spec(self, request, run_id, hosted, remaining) -> RunSpec:
+        if not request.messages:
+            raise BadRequest("messages must not be empty")
+        unknown = [n for n in request.tool_names if n not in hosted]
+        if unknown:
+            raise BadRequest(f"unknown tools {unknown}; hosted: {sorted(hosted)}")
+        names = list(request.tool_names) or list(hosted)
+        envelopes = {_ENVELOPES[e] for e in request.envelopes if e in _ENVELOPES}
+        if "plan" in envelopes:
+            raise BadRequest("the plan envelope is not supported yet")
+        return RunSpec(
+            run_id=run_id,
+            messages=[message_from_pb(m) for m in request.messages],
+            tools={n: hosted[n] for n in names},
+            partial=request.mode != conveyor_pb2.EXECUTION_MODE_SEQUENTIAL,
+            sampling=sampling_from_pb(request.sampling),
+            max_rounds=request.max_rounds or self.config.max_rounds,
+            forced_completions=tuple(request.forced_completions),
+            envelopes=frozenset(envelopes or {"fence", "tag"}),
+            timeout=remaining if remaining is not None else self.config.run_timeout,
+        )
+
+
+def event_to_pb(event: ev.RunEvent, run_id: str, sequence: int) -> conveyor_pb2.RunResponse:
+    r = conveyor_pb2.RunResponse(run_id=run_id, sequence=sequence)
+    if isinstance(event, ev.TokenDelta):
+        r.token_delta.CopyFrom(
+            conveyor_pb2.TokenDelta(
+                round=event.round, text=event.text, token_count=event.token_count
+            )
+        )
+    elif isinstance(event, ev.RoundStarted):
+        r.round_started.round = event.round
+    elif isinstance(event, ev.ToolCallStarted):
+        r.tool_call_started.CopyFrom(
+            conveyor_pb2.ToolCallStarted(
+                call_id=event.call_id,
+                tool_name=event.tool_name,
+                round=event.round,
+                partial_mode=common_pb2.PartialMode.Value(f"PARTIAL_MODE_{event.partial_mode}"),
+            )
+        )
+    elif isinstance(event, ev.UnitDispatched):
+        r.unit_dispatched.CopyFrom(
+            conveyor_pb2.UnitDispatched(
+                call_id=event.call_id,
+                index=event.index,
+                text=event.text,
+                field=event.field,
+                depends_on=list(event.depends_on),
+                during_decode=event.during_decode,
+            )
+        )
+    elif isinstance(event, ev.UnitResult):
+        r.unit_result.call_id = event.call_id
+        r.unit_result.result.CopyFrom(
+            tool_gateway_pb2.UnitResult(
+                index=event.index,
+                ok=event.ok,
+                stdout=event.stdout,
+                stderr=event.stderr,
+                value=event.value,
+                exception=event.exception,
+                duration_seconds=event.duration_seconds,
+                truncated=event.truncated,
+            )
+        )
+    elif isinstance(event, ev.CallOutcome):
+        r.tool_call_finished.call_id = event.call_id
+        if event.error_code:
+            r.tool_call_finished.error.CopyFrom(
+                tool_gateway_pb2.ToolError(
+                    code=tool_gateway_pb2.ToolErrorCode.Value(
+                        f"TOOL_ERROR_CODE_{event.error_code}"
+                    ),
+                    message=event.error_message,
+                )
+            )
+        else:
+            r.tool_call_finished.result.CopyFrom(
+                tool_gateway_pb2.CallResult(
+                    ok=event.ok,
+                    output=event.output,
+                    units_executed=event.units_executed,
+                    tool_seconds=event.tool_seconds,
+                )
+            )
+    elif isinstance(event, ev.ParseError):
+        r.parse_error.CopyFrom(
+            conveyor_pb2.ParseError(call_id=event.call_id, message=event.message)
+        )
+    elif isinstance(event, ev.AbortVerdict):
+        r.abort_verdict.call_id = event.call_id
+        r.abort_verdict.verdict.CopyFrom(
+            tool_gateway_pb2.AbortVerdict(
+                reason=event.reason, field=event.field, unit_index=event.unit_index
+            )
+        )
+    elif isinstance(event, ev.RunFinished):
+        t = event.timing
+        r.run_finished.CopyFrom(
+            conveyor_pb2.RunFinished(
+                finish_reason=finish_reason_to_pb(event.finish_reason),
+                message=event.message,
+                final_text=event.final_text,
+                timing=conveyor_pb2.Timing(
+                    decode_seconds=t.decode_seconds,
+                    tool_seconds=t.tool_seconds,
+                    hidden_tool_seconds=t.hidden_tool_seconds,
+                    total_seconds=t.total_seconds,
+                    sequential_estimate_seconds=t.sequential_estimate_seconds,
+                    units_dispatched=t.units_dispatched,
+                    parse_lag_seconds=t.parse_lag_seconds,
+                    rounds=t.rounds,
+                    completion_tokens=t.completion_tokens,
+                ),
+            )
+        )
+    return r

@@ -1,0 +1,33 @@
+"""What the scheduler knows of a tool (from the gateway's ListTools)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from conveyor_common.types import ToolDef
+
+# Fence languages a tool of each partial mode claims.
+FENCE_LANGUAGES = {"PYTHON_STATEMENTS": ("python", "py", "python3"), "SQL_STATEMENTS": ("sql",)}
+
+
+@dataclass(frozen=True)
+class ToolInfo:
+    name: str
+    description: str = ""
+    parameters: dict = field(default_factory=dict)
+    partial_mode: str = "WHOLE"  # a PartialMode name without prefix
+    partial_safe: bool = False
+    command_field: str = ""
+
+    def as_tool_def(self) -> ToolDef:
+        return ToolDef(self.name, self.description, self.parameters)
+
+
+def fence_tools(tools: dict[str, ToolInfo]) -> dict[str, str]:
+    """Fence language -> tool name; a tool named like the language wins."""
+    out: dict[str, str] = {}
+    for tool in sorted(tools.values(), key=lambda t: t.name):
+        for language in FENCE_LANGUAGES.get(tool.partial_mode, ()):
+            if language not in out or tool.name == language:
+                out[language] = tool.name
+    return out

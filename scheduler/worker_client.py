@@ -1,0 +1,103 @@
+"""Client of LlmWorkerService: plain types in and out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from conveyor.v1 import common_pb2, llm_worker_pb2, llm_worker_pb2_grpc
+
+from conveyor_common.clients import channel, outgoing_metadata
+from conveyor_common.convert import finish_reason_from_pb, message_to_pb, sampling_to_pb
+from conveyor_common.types import FinishReason, Message, Sampling
+from scheduler.tools import ToolInfo
+
+
+@dataclass(frozen=True)
+class WorkerDelta:
+    text: str
+    token_count: int
+
+
+@dataclass(frozen=True)
+class WorkerDone:
+    finish_reason: FinishReason
+    completion_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+
+class WorkerError(Exception):
+    """The worker failed or could not be reached; the message says how."""
+
+
+class WorkerClient:
+    def __init__(self, target: str):
+        self._channel = channel(target)
+        self._stub = llm_worker_pb2_grpc.LlmWorkerServiceStub(self._channel)
+
+    async def generate(
+        self,
+        request_id: str,
+        messages: list[Message],
+        tools: list[ToolInfo],
+        sampling: Sampling,
+        forced_completion: str | None,
+        timeout: float,
+    ) -> AsyncIterator[WorkerDelta | WorkerDone]:
+        request = llm_worker_pb2.GenerateRequest(
+            request_id=request_id,
+            messages=[message_to_pb(m) for m in messages],
+            tools=[_tool_spec(t) for t in tools],
+            sampling=sampling_to_pb(sampling),
+        )
+        if forced_completion is not None:
+            request.forced_decoding.completion = forced_completion
+        call = self._stub.Generate(
+            request, timeout=timeout, metadata=outgoing_metadata(), wait_for_ready=True
+        )
+        try:
+            async for response in call:
+                kind = response.WhichOneof("event")
+                if kind == "delta":
+                    yield WorkerDelta(response.delta.text, len(response.delta.token_ids))
+                elif kind == "complete":
+                    c = response.complete
+                    yield WorkerDone(
+                        finish_reason_from_pb(c.finish_reason),
+                        c.completion_tokens,
+                        c.prefill_seconds,
+                        c.decode_seconds,
+                    )
+                    return
+                else:
+                    raise WorkerError(f"llm_worker failed: {response.error.message}")
+            raise WorkerError("llm_worker ended the stream without a completion")
+        except grpc.aio.AioRpcError as e:
+            raise WorkerError(f"llm_worker {e.code().name}: {e.details()}") from e
+        finally:
+            call.cancel()  # dropping the stream stops decoding at the next step
+
+    async def abort(self, request_id: str) -> bool:
+        try:
+            response = await self._stub.Abort(
+                llm_worker_pb2.AbortRequest(request_id=request_id),
+                timeout=5,
+                metadata=outgoing_metadata(),
+            )
+            return response.found
+        except grpc.aio.AioRpcError:
+            return False
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _tool_spec(tool: ToolInfo) -> common_pb2.ToolSpec:
+    return common_pb2.ToolSpec(
+        name=tool.name,
+        description=tool.description,
+        parameters_json_schema=json.dumps(tool.parameters),
+    )
