@@ -1,0 +1,174 @@
+"""Runs the three services locally as separate processes (`make run/up/down`).
+
+    python -m conveyor_common.stack run   # start, wait for health, one real request, stop
+    python -m conveyor_common.stack up    # start and leave running (pids in .cache/stack)
+    python -m conveyor_common.stack down  # stop what `up` started
+
+Logs go to .cache/stack/<service>.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from conveyor_common.defaults import GATEWAY_PORT, SCHEDULER_PORT, WORKER_PORT
+from conveyor_common.healthcheck import check
+
+STATE_DIR = Path(".cache/stack")
+PIDS = STATE_DIR / "pids.json"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    module: str
+    port: int
+    args: tuple[str, ...] = ()
+
+
+SERVICES = (
+    Service("llm_worker", "llm_worker", WORKER_PORT),
+    Service("tool_gateway", "tool_gateway", GATEWAY_PORT),
+    Service(
+        "scheduler",
+        "scheduler",
+        SCHEDULER_PORT,
+        (
+            "--worker-target",
+            f"dns:///localhost:{WORKER_PORT}",
+            "--gateway-target",
+            f"dns:///localhost:{GATEWAY_PORT}",
+        ),
+    ),
+)
+
+
+def _say(text: str) -> None:
+    print(f"[stack] {text}", flush=True)
+
+
+def start() -> dict[str, int]:
+    for service in SERVICES:
+        if check(service.port, timeout=0.5).status != "UNAVAILABLE":
+            sys.exit(
+                f"port {service.port} ({service.name}) is already in use: "
+                "run `make down`, or stop what holds it"
+            )
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console")}
+    pids = {}
+    for service in SERVICES:
+        log = open(STATE_DIR / f"{service.name}.log", "w")
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                service.module,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(service.port),
+                *service.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C in `make run` reaches us, not them
+        )
+        pids[service.name] = process.pid
+        _say(f"started {service.name} (pid {process.pid}, port {service.port})")
+    PIDS.write_text(json.dumps(pids))
+    return pids
+
+
+def wait_healthy(pids: dict[str, int], timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = {s.name: s for s in SERVICES}
+    last_note = 0.0
+    while waiting:
+        for name, service in list(waiting.items()):
+            if not _alive(pids[name]):
+                tail = (STATE_DIR / f"{name}.log").read_text()[-2000:]
+                stop(pids)
+                sys.exit(f"{name} exited during start-up; its log ends with:\n{tail}")
+            if check(service.port, timeout=1.0).serving:
+                _say(f"{name} is serving")
+                del waiting[name]
+        if time.monotonic() > deadline:
+            stop(pids)
+            sys.exit(f"timed out waiting for {', '.join(waiting)}")
+        if waiting and time.monotonic() - last_note > 10:
+            note = (
+                " (the first start converts the model once, ~30-60 s)"
+                if "llm_worker" in waiting
+                else ""
+            )
+            _say(f"waiting for {', '.join(waiting)}{note}")
+            last_note = time.monotonic()
+        time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:  # not our child (started by `up`): probe it
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def stop(pids: dict[str, int], grace: float = 10.0) -> None:
+    for name, pid in reversed(list(pids.items())):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + grace
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        _say(f"stopped {name}")
+    PIDS.unlink(missing_ok=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["run", "up", "down"])
+    args = parser.parse_args()
+    if args.command == "down":
+        if not PIDS.exists():
+            _say("nothing to stop")
+            return
+        stop(json.loads(PIDS.read_text()))
+        return
+    pids = start()
+    wait_healthy(pids)
+    if args.command == "up":
+        _say(f"up: scheduler on localhost:{SCHEDULER_PORT}; `make down` stops it")
+        return
+    from conveyor_common.cli import DEFAULT_PROMPT, run_once
+
+    try:
+        _say(f"request: {DEFAULT_PROMPT}")
+        finished = asyncio.run(run_once(f"localhost:{SCHEDULER_PORT}", DEFAULT_PROMPT))
+        if finished is None:
+            sys.exit("the run ended without a RunFinished event")
+    finally:
+        stop(pids)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny random model with the default tokenizer, and the
+three services in-process on port 0."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conveyor_common.server import stop_server
+
+
+def descendant_pids(root: int | None = None) -> set[int]:
+    """Every live process below `root` (default: this test process)."""
+    root = root or os.getpid()
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command may hold spaces or parentheses: split after the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":  # a zombie is already dead
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The default model's cached conversion (made on first use)."""
+    from llm_worker.model_cache import resolve
+
+    return Path(resolve("").path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A 2-layer random Llama that shares the default model's tokenizer and
+    chat template, so prompts and forced completions tokenize as in production."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+async def worker(tiny_model_dir):
+    """(engine, target) of an in-process worker on the tiny model."""
+    from llm_worker.config import WorkerConfig
+    from llm_worker.server import build_engine, create_server
+
+    config = WorkerConfig(model=str(tiny_model_dir), max_new_tokens=64)
+    engine, _ = build_engine(config)
+    server, port = await create_server(config, engine=engine)
+    yield engine, f"127.0.0.1:{port}"
+    await stop_server(server, 0)
+
+
+@pytest.fixture(scope="session")
+async def gateway():
+    from tool_gateway.config import GatewayConfig
+    from tool_gateway.server import create_server
+
+    server, port = await create_server(GatewayConfig(unit_timeout=20.0), "127.0.0.1", 0)
+    yield f"127.0.0.1:{port}"
+    await stop_server(server, 0)
+
+
+@pytest.fixture(scope="session")
+async def scheduler(worker, gateway):
+    from scheduler.config import SchedulerConfig
+    from scheduler.server import create_server
+
+    _, worker_target = worker
+    server, port = await create_server(
+        SchedulerConfig(worker_target=worker_target, gateway_target=gateway)
+    )
+    yield f"127.0.0.1:{port}"
+    await stop_server(server, 0)

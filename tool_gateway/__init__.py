@@ -1,0 +1,1 @@
+"""Conveyor's tool gateway: hosts the tools and runs their command units."""

@@ -1,0 +1,68 @@
+"""Command-line flags of the gateway and the config they make."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from conveyor_common.defaults import GATEWAY_METRICS_PORT, GATEWAY_PORT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tool_gateway", description="Conveyor tool gateway")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=GATEWAY_PORT)
+    p.add_argument("--metrics-port", type=int, default=GATEWAY_METRICS_PORT, help="0 disables")
+    p.add_argument(
+        "--allow-unsandboxed",
+        action="store_true",
+        help="when bubblewrap is missing, run code with rlimits only (unsafe; logs a warning)",
+    )
+    p.add_argument("--unit-timeout", type=float, default=30.0, help="seconds per command unit")
+    p.add_argument(
+        "--call-timeout",
+        type=float,
+        default=300.0,
+        help="seconds per call (a request may lower it)",
+    )
+    p.add_argument(
+        "--memory-mb", type=int, default=2048, help="address-space limit of an interpreter"
+    )
+    p.add_argument("--cpu-seconds", type=int, default=120, help="CPU time limit per session")
+    p.add_argument(
+        "--output-cap", type=int, default=64 * 1024, help="bytes of stdout/stderr kept per unit"
+    )
+    p.add_argument("--grace", type=float, default=5.0, help="seconds to finish streams on SIGTERM")
+    return p
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "0.0.0.0"
+    port: int = GATEWAY_PORT
+    metrics_port: int = GATEWAY_METRICS_PORT
+    allow_unsandboxed: bool = False
+    unit_timeout: float = 30.0
+    call_timeout: float = 300.0
+    memory_mb: int = 2048
+    cpu_seconds: int = 120
+    output_cap: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("unit_timeout", "call_timeout", "memory_mb", "cpu_seconds", "output_cap"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> GatewayConfig:
+        return cls(
+            host=ns.host,
+            port=ns.port,
+            metrics_port=ns.metrics_port,
+            allow_unsandboxed=ns.allow_unsandboxed,
+            unit_timeout=ns.unit_timeout,
+            call_timeout=ns.call_timeout,
+            memory_mb=ns.memory_mb,
+            cpu_seconds=ns.cpu_seconds,
+            output_cap=ns.output_cap,
+        )

@@ -1,0 +1,182 @@
+"""The interpreter loop that runs inside the sandbox (stdlib only; started as a
+script: `python -I python_repl.py OUTPUT_CAP`).
+
+Protocol: each message is a 4-byte big-endian length and that many bytes of
+UTF-8 JSON. The gateway writes requests {"index", "code"} to our stdin; we
+write {"ready": true} once, then one reply per request to our stdout. Before
+any user code runs, both pipes move to private high fds and fds 0 and 1 point
+at /dev/null, so nothing the user does with print, sys.stdout, os.write(1) or a
+child process can corrupt the protocol.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import fcntl
+import io
+import json
+import linecache
+import os
+import sys
+import time
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+
+# Above the fds user code usually touches, below RLIMIT_NOFILE (256).
+_PRIVATE_FD_MIN = 200
+
+
+class _CappedSink(io.RawIOBase):
+    """Keeps the first `cap` bytes written and counts the rest away."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.data = bytearray()
+        self.truncated = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        room = self.cap - len(self.data)
+        if len(b) > room:
+            self.truncated = True
+        if room > 0:
+            self.data += bytes(memoryview(b)[:room])
+        return len(b)
+
+
+class _Capture:
+    """A text stream for sys.stdout/sys.stderr with a byte cap. It has a
+    .buffer (some code writes bytes) and never fails on odd characters."""
+
+    def __init__(self, cap: int):
+        self.sink = _CappedSink(cap)
+        self.stream = io.TextIOWrapper(
+            io.BufferedWriter(self.sink),
+            encoding="utf-8",
+            errors="backslashreplace",  # lone surrogates become \udcff, not an error
+            write_through=True,
+        )
+
+    def text(self) -> str:
+        try:
+            self.stream.flush()
+        except (ValueError, OSError):  # the user closed it
+            pass
+        return self.sink.data.decode("utf-8", "replace")
+
+
+def _clean(text: str) -> str:
+    """Valid UTF-8 for the gateway (protobuf strings must be)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _cap(text: str, cap: int) -> tuple[str, bool]:
+    data = text.encode("utf-8")
+    if len(data) <= cap:
+        return text, False
+    return data[:cap].decode("utf-8", "ignore"), True
+
+
+_UNIT_PREFIX = "<unit "
+
+
+def _format_exception(exc: BaseException) -> str:
+    """The traceback from the user's first frame on: this loop's frames and
+    the compiler's (for a SyntaxError) are cut."""
+    tb = exc.__traceback__
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith(_UNIT_PREFIX):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+class Interpreter:
+    def __init__(self, output_cap: int):
+        self.cap = output_cap
+        self.namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
+        self.serial = 0
+
+    def run(self, index: int, code: str) -> dict:
+        self.serial += 1
+        filename = f"{_UNIT_PREFIX}{self.serial}>"
+        # Tracebacks show the source of every unit, earlier ones included.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        out, err = _Capture(self.cap), _Capture(self.cap)
+        value = exception = ""
+        start = time.perf_counter()
+        with redirect_stdout(out.stream), redirect_stderr(err.stream):
+            try:
+                tree = ast.parse(code, filename, "exec")
+                if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr):
+                    expr = ast.Expression(tree.body[0].value)
+                    result = eval(compile(expr, filename, "eval"), self.namespace)
+                    if result is not None:
+                        value = repr(result)
+                else:
+                    exec(compile(tree, filename, "exec"), self.namespace)
+            except BaseException as e:  # SystemExit and KeyboardInterrupt are user errors too
+                exception = _format_exception(e)
+        duration = time.perf_counter() - start
+        value, value_cut = _cap(_clean(value), self.cap)
+        return {
+            "index": index,
+            "ok": not exception,
+            "stdout": out.text(),
+            "stderr": err.text(),
+            "value": value,
+            "exception": _clean(exception),
+            "duration": duration,
+            "truncated": out.sink.truncated or err.sink.truncated or value_cut,
+        }
+
+
+def _private(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _PRIVATE_FD_MIN)
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(fd: int) -> dict | None:
+    header = _read_exactly(fd, 4)
+    if header is None:
+        return None
+    body = _read_exactly(fd, int.from_bytes(header, "big"))
+    return None if body is None else json.loads(body)
+
+
+def _send(fd: int, message: dict) -> None:
+    body = json.dumps(message).encode("utf-8")
+    view = memoryview(len(body).to_bytes(4, "big") + body)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def main() -> None:
+    output_cap = int(sys.argv[1])
+    proto_in, proto_out = _private(0), _private(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    sys.stdin = open(os.devnull)  # input() gets EOF, never a protocol byte
+    sys.stdout = open(os.devnull, "w")  # output of background threads between units
+    sys.path.insert(0, "")  # like the python REPL: modules in the working directory
+    interpreter = Interpreter(output_cap)
+    _send(proto_out, {"ready": True})
+    while (request := _receive(proto_in)) is not None:
+        _send(proto_out, interpreter.run(request["index"], request["code"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The tools a gateway hosts, by name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tool_gateway.config import GatewayConfig
+from tool_gateway.tools.base import Tool, ToolSpec
+from tool_gateway.tools.python_tool import PythonTool
+
+
+class ToolRegistry:
+    def __init__(self, tools: Iterable[Tool]):
+        self._tools: dict[str, Tool] = {}
+        for tool in tools:
+            if tool.spec.name in self._tools:
+                raise ValueError(f"two tools are named {tool.spec.name!r}")
+            self._tools[tool.spec.name] = tool
+
+    def get(self, name: str) -> Tool | None:
+        return self._tools.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._tools)
+
+    def specs(self) -> list[ToolSpec]:
+        return [self._tools[name].spec for name in self.names()]
+
+
+async def build_registry(config: GatewayConfig) -> ToolRegistry:
+    """The built-in tools. Raises SandboxUnavailable when code cannot be
+    sandboxed and --allow-unsandboxed was not given."""
+    return ToolRegistry([await PythonTool.from_config(config)])

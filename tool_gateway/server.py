@@ -1,0 +1,38 @@
+"""Builds the gateway's gRPC server (the seam tests call)."""
+
+from __future__ import annotations
+
+import grpc
+import structlog
+from conveyor.v1 import tool_gateway_pb2, tool_gateway_pb2_grpc
+
+from conveyor_common.server import add_standard_services, bind, new_server, on_stop
+from tool_gateway.config import GatewayConfig
+from tool_gateway.registry import build_registry
+from tool_gateway.servicer import ToolGatewayServicer
+
+log = structlog.get_logger("gateway")
+
+SERVICE_NAME = tool_gateway_pb2.DESCRIPTOR.services_by_name["ToolGatewayService"].full_name
+
+
+async def create_server(
+    config: GatewayConfig, host: str | None = None, port: int | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Checks the sandbox, starts the server, sets health SERVING; returns
+    the server and its bound port. `host`/`port` default to the config's.
+    Raises SandboxUnavailable when code cannot be sandboxed and
+    allow_unsandboxed is off."""
+    registry = await build_registry(config)
+    server = new_server()
+    servicer = ToolGatewayServicer(registry, config.call_timeout)
+    tool_gateway_pb2_grpc.add_ToolGatewayServiceServicer_to_server(servicer, server)
+    health = add_standard_services(server, [SERVICE_NAME])
+    bound = bind(
+        server, config.host if host is None else host, config.port if port is None else port
+    )
+    on_stop(server, servicer.shutdown)
+    await server.start()
+    await health.set(True)
+    log.info("serving", port=bound, tools=registry.names())
+    return server, bound

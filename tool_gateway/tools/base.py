@@ -1,0 +1,120 @@
+"""The tool developer interface: plain dataclasses, no protobuf.
+
+A `Tool` describes itself with a `ToolSpec` and opens `ToolSession`s. The
+gateway runs a call's units one after another in one session, then asks the
+session for the text the model gets back. A session may serve many calls (those
+sharing a session key), so it keeps its own state (an interpreter's variables)
+but not the outcomes of a call: those are handed to `finish`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class PartialMode(str, Enum):
+    """Mirrors conveyor.v1.PartialMode without the prefix."""
+
+    WHOLE = "WHOLE"
+    PYTHON_STATEMENTS = "PYTHON_STATEMENTS"
+    JSON_FIELDS = "JSON_FIELDS"
+    LINES = "LINES"
+    PLAN_STEPS = "PLAN_STEPS"
+    SQL_STATEMENTS = "SQL_STATEMENTS"
+
+
+class ToolErrorCode(str, Enum):
+    """Mirrors conveyor.v1.ToolErrorCode without the prefix."""
+
+    UNKNOWN_TOOL = "UNKNOWN_TOOL"
+    BAD_REQUEST = "BAD_REQUEST"
+    TIMEOUT = "TIMEOUT"
+    SANDBOX = "SANDBOX"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+class ToolFailure(Exception):
+    """A failure that ends the call (sent as a ToolError). An exception raised
+    by the user's code is not one: that is a unit outcome with ok=False."""
+
+    def __init__(self, code: ToolErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict = field(default_factory=dict)  # JSON schema of the arguments object
+    partial_mode: PartialMode = PartialMode.WHOLE
+    partial_safe: bool = False  # may a unit run before the call is complete?
+    command_field: str = ""  # the argument whose string value is the command
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    text: str
+    field: str = ""  # the JSON field name, for PARTIAL_MODE_JSON_FIELDS
+
+
+@dataclass(frozen=True)
+class UnitOutcome:
+    index: int
+    ok: bool
+    stdout: str = ""
+    stderr: str = ""
+    value: str = ""  # repr of an expression's value; empty otherwise
+    exception: str = ""  # the formatted exception when ok is False
+    duration_seconds: float = 0.0
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    ok: bool
+    output: str  # the tool message for the model
+    units_executed: int
+    tool_seconds: float
+
+
+class ToolSession(ABC):
+    """One live instance of a tool (an interpreter process, say)."""
+
+    @property
+    def alive(self) -> bool:
+        """False once the session can run no more units (its process died or
+        was killed); the gateway then opens a fresh one for the next call."""
+        return True
+
+    @abstractmethod
+    async def run_unit(self, unit: Unit) -> UnitOutcome:
+        """Runs one unit. Raises ToolFailure when the tool itself fails. If the
+        awaiting task is cancelled mid-unit, the work must be stopped."""
+
+    @abstractmethod
+    async def finish(self, full_text: str, outcomes: Sequence[UnitOutcome]) -> str:
+        """The call is complete: returns the text given back to the model,
+        built from the call's unit outcomes (whole-call tools may use full_text)."""
+
+    @abstractmethod
+    async def cancel(self) -> None:
+        """Stops the work in flight at once (kills the process)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Releases the session for good and leaves no process behind."""
+
+
+class Tool(ABC):
+    spec: ToolSpec
+
+    @abstractmethod
+    async def open_session(self, session_key: str) -> ToolSession:
+        """Starts a session; raises ToolFailure (SANDBOX) when it cannot."""
