@@ -54,6 +54,10 @@ def bwrap_argv(bwrap: str, command: Sequence[str]) -> list[str]:
     ]  # fmt: skip
     if os.path.isdir("/run") and not os.path.islink("/run"):
         argv += ["--tmpfs", "/run"]
+    # The private /tmp hides whatever the host keeps there; a checkout (and
+    # its .venv) under /tmp, as CI's may be, is shown again, read-only.
+    for path in _runtime_paths_under("/tmp"):
+        argv += ["--ro-bind", path, path]
     argv += [
         "--chdir", "/tmp",
         "--unshare-all",
@@ -67,6 +71,22 @@ def bwrap_argv(bwrap: str, command: Sequence[str]) -> list[str]:
         *command,
     ]  # fmt: skip
     return argv
+
+
+def _runtime_paths_under(root: str) -> list[str]:
+    """The interpreter's prefixes and this package's folder, where under root."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = {
+        sys.prefix,
+        sys.base_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+        here,
+    }
+    inside = sorted(
+        os.path.realpath(p) for p in candidates if os.path.realpath(p).startswith(root + "/")
+    )
+    # Drop paths already covered by a shorter one.
+    return [p for i, p in enumerate(inside) if not any(p.startswith(q + "/") for q in inside[:i])]
 
 
 # Sets the rlimits, then execs the real command (so no process stays behind).
