@@ -6,13 +6,12 @@ import argparse
 from dataclasses import dataclass
 
 from conveyor_common.defaults import WORKER_METRICS_PORT, WORKER_PORT
+from conveyor_common.flags import add_server_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm_worker", description="Conveyor model worker")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=WORKER_PORT)
-    p.add_argument("--metrics-port", type=int, default=WORKER_METRICS_PORT, help="0 disables")
+    add_server_flags(p, WORKER_PORT, WORKER_METRICS_PORT)
     p.add_argument(
         "--model",
         default="",
@@ -25,7 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=512, help="default per request")
     p.add_argument("--max-queue", type=int, default=64, help="deltas buffered per stream")
-    p.add_argument("--grace", type=float, default=5.0, help="seconds to finish streams on SIGTERM")
     return p
 
 

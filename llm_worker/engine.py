@@ -70,6 +70,7 @@ class _Active:
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: FinishReason = FinishReason.CANCELLED
     queue_seconds: float = 0.0
+    reader_gone: threading.Event = field(default_factory=threading.Event)
 
 
 class Engine:
@@ -143,6 +144,7 @@ class Engine:
                 if isinstance(item, Completion):
                     return
         finally:
+            active.reader_gone.set()
             active.stop.set()
             self._active.pop(request_id, None)
 
@@ -195,7 +197,7 @@ class Engine:
                 future.result(timeout=0.05)
                 return True
             except TimeoutError:
-                if active.stop.is_set() and active.stop_reason is FinishReason.CANCELLED:
+                if active.reader_gone.is_set():
                     future.cancel()
                     return False
             except (asyncio.CancelledError, RuntimeError):  # loop closed or put cancelled

@@ -11,13 +11,12 @@ from conveyor_common.defaults import (
     SCHEDULER_PORT,
     WORKER_PORT,
 )
+from conveyor_common.flags import add_server_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scheduler", description="Conveyor scheduler (public API)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=SCHEDULER_PORT)
-    p.add_argument("--metrics-port", type=int, default=SCHEDULER_METRICS_PORT, help="0 disables")
+    add_server_flags(p, SCHEDULER_PORT, SCHEDULER_METRICS_PORT)
     p.add_argument(
         "--worker-target",
         default=f"dns:///localhost:{WORKER_PORT}",
@@ -30,7 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-rounds", type=int, default=4, help="default rounds per run")
     p.add_argument("--run-timeout", type=float, default=600.0, help="seconds, when no deadline")
-    p.add_argument("--grace", type=float, default=5.0, help="seconds to finish runs on SIGTERM")
     return p
 
 

@@ -6,13 +6,12 @@ import argparse
 from dataclasses import dataclass
 
 from conveyor_common.defaults import GATEWAY_METRICS_PORT, GATEWAY_PORT
+from conveyor_common.flags import add_server_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tool_gateway", description="Conveyor tool gateway")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=GATEWAY_PORT)
-    p.add_argument("--metrics-port", type=int, default=GATEWAY_METRICS_PORT, help="0 disables")
+    add_server_flags(p, GATEWAY_PORT, GATEWAY_METRICS_PORT)
     p.add_argument(
         "--allow-unsandboxed",
         action="store_true",
@@ -32,7 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-cap", type=int, default=64 * 1024, help="bytes of stdout/stderr kept per unit"
     )
-    p.add_argument("--grace", type=float, default=5.0, help="seconds to finish streams on SIGTERM")
     return p
 
 
