@@ -34,7 +34,10 @@ $(PROTO_STAMP): $(PROTOS) $(STAMP)
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) \
 	  --grpc_python_out=$(GEN) $(PROTOS)
-	touch $(GEN)/conveyor/__init__.py $(GEN)/conveyor/v1/__init__.py $(PROTO_STAMP)
+	touch $(GEN)/conveyor/__init__.py $(GEN)/conveyor/v1/__init__.py
+	@# Puts gen/ on the venv's path, so `.venv/bin/python -m ...` needs no PYTHONPATH.
+	echo "$(CURDIR)/$(GEN)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/conveyor-gen.pth"
+	touch $(PROTO_STAMP)
 
 # Starts the services, waits for health, runs one real request, stops them.
 run: proto
