@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/conveyor/v1/*.proto)
 PROTO_STAMP := $(GEN)/.stamp
 export PYTHONPATH := $(CURDIR)/$(GEN):$(CURDIR)
 
-.PHONY: all install proto run up down test lint clean
+.PHONY: all install proto run up down test lint clean bench-parsers fuzz
 
 all: install proto
 
@@ -52,6 +52,16 @@ down:
 
 test: proto
 	$(PY) -m pytest -q
+
+# Microseconds per delta of every parser, against re-parsing the prefix
+# (partial-json-parser, jiter); writes bench/results/parsers.{md,json}.
+bench-parsers: proto
+	$(PY) -m bench.parsers
+
+# Coverage-guided fuzzing of the parsers (CI runs the hypothesis versions).
+fuzz: proto
+	$(PIP) install -q atheris
+	$(PY) fuzz/fuzz_parsers.py -max_total_time=$${FUZZ_SECONDS:-60}
 
 lint: proto
 	cd protos && ../$(VENV)/bin/buf lint

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,7 +30,15 @@ from scheduler.events import (
     UnitResult,
 )
 from scheduler.gateway_client import ExecuteStream, GatewayClient, GatewayEvent
-from scheduler.parsers import ParsedUnit, UnitParser, parser_for
+from scheduler.parsers import (
+    ParsedUnit,
+    ParseFailure,
+    ToolCallTagParser,
+    UnitParser,
+    arguments_parser_for,
+    check_unit,
+    parser_for,
+)
 from scheduler.timing import TimingRecorder
 from scheduler.tools import ToolInfo, fence_tools
 from scheduler.worker_client import WorkerClient, WorkerDone
@@ -63,6 +70,7 @@ class _Call:
     held: list[tuple[ParsedUnit, float]] = field(default_factory=list)  # (unit, completed at)
     units_sent: int = 0
     outcome: asyncio.Future | None = None  # CallOutcome | ParseError
+    failed: bool = False  # its text could not be parsed
 
 
 class Run:
@@ -203,26 +211,59 @@ class Run:
             call.outcome = asyncio.get_running_loop().create_future()
             self._calls[call.call_id] = call
             self._current = call
-            if event.tool:
-                self._start_call(call, self.spec.tools[event.tool])
-        elif isinstance(event, CallText):
-            call = self._current
-            call.text.append(event.text)
-            if call.parser is not None:
-                for unit in call.parser.feed(event.text):
-                    self._unit_ready(call, unit)
-        elif isinstance(event, CallClosed):
-            self._close_call(self._current)
+            if event.tool:  # a fence names its tool up front
+                tool = self.spec.tools[event.tool]
+                self._start_call(call, tool)
+                call.parser = parser_for(tool.partial_mode)
+            else:  # a tag: the JSON names the tool
+                call.parser = ToolCallTagParser(lambda name: self._tag_call_named(call, name))
+            return
+        call = self._current
+        if call.failed:
+            return  # a call that could not be parsed takes no more text
+        try:
+            if isinstance(event, CallText):
+                call.text.append(event.text)
+                units = call.parser.feed(event.text)
+            else:
+                units = call.parser.finish()
+            for unit in units:
+                self._unit_ready(call, unit)
+        except ParseFailure as e:
+            self._parse_failed(call, str(e))
+            return
+        if isinstance(event, CallClosed):
+            self._close_call(call)
+
+    def _tag_call_named(self, call: _Call, name: str) -> UnitParser:
+        """A tag call's JSON named its tool: the call starts now."""
+        tool = self.spec.tools.get(name)
+        if tool is None:
+            known = ", ".join(sorted(self.spec.tools)) or "none"
+            raise ParseFailure(f"unknown tool {name!r}; available: {known}")
+        self._start_call(call, tool)
+        return arguments_parser_for(tool.partial_mode, tool.command_field)
 
     def _start_call(self, call: _Call, tool: ToolInfo) -> None:
         call.tool = tool
-        call.parser = parser_for(tool.partial_mode)
         self._emit(ToolCallStarted(call.call_id, tool.name, call.round, tool.partial_mode))
         self._ensure_stream().open(call.call_id, tool.name, session_key=self.spec.run_id)
         if self._gateway_down:
             self._fail_call(call, self._gateway_down)
 
+    def _parse_failed(self, call: _Call, message: str) -> None:
+        """The call's text is malformed: a ParseError event, the call's work is
+        cancelled, and the model reads the error in the next round."""
+        call.failed = True
+        error = ParseError(call.call_id, message)
+        self._emit(error)
+        if call.tool is not None and self._stream is not None:
+            self._stream.cancel_call(call.call_id, f"parse error: {message}")
+        if not call.outcome.done():
+            call.outcome.set_result(error)
+
     def _unit_ready(self, call: _Call, unit: ParsedUnit) -> None:
+        check_unit(call.tool.partial_mode, unit.text)
         # The one difference between the modes.
         if self.spec.partial and call.tool.partial_safe:
             self._dispatch(call, unit, self._delta_at)
@@ -232,56 +273,23 @@ class Run:
     def _dispatch(self, call: _Call, unit: ParsedUnit, completed_at: float) -> None:
         now = time.perf_counter()
         self._timing.dispatched(now - completed_at)
-        self._emit(UnitDispatched(call.call_id, unit.index, unit.text, unit.field, self._decoding))
+        self._emit(
+            UnitDispatched(
+                call.call_id, unit.index, unit.text, unit.field, self._decoding, unit.depends_on
+            )
+        )
         self._ensure_stream().unit(call.call_id, unit)
         call.units_sent += 1
 
     def _close_call(self, call: _Call) -> None:
-        full_text = "".join(call.text)
-        if call.tool is None:  # a tag call: the JSON names the tool
-            try:
-                tool, command = self._resolve_tag_call(full_text)
-            except ValueError as e:
-                error = ParseError(call.call_id, str(e))
-                self._emit(error)
-                call.outcome.set_result(error)
-                return
-            self._start_call(call, tool)
-            full_text = command
-            for unit in call.parser.feed(command):
-                self._unit_ready(call, unit)
-        for unit in call.parser.finish():
-            self._unit_ready(call, unit)
         for unit, completed_at in call.held:
             self._dispatch(call, unit, completed_at)
         call.held.clear()
+        parser = call.parser
+        full_text = (
+            parser.arguments_text if isinstance(parser, ToolCallTagParser) else "".join(call.text)
+        )
         self._ensure_stream().close_call(call.call_id, full_text, call.units_sent)
-
-    def _resolve_tag_call(self, text: str) -> tuple[ToolInfo, str]:
-        """Returns the tool and the command text its parser takes."""
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"tool call is not valid JSON: {e}") from e
-        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-            raise ValueError('tool call must be an object with a "name" string')
-        name = payload["name"]
-        tool = self.spec.tools.get(name)
-        if tool is None:
-            known = ", ".join(sorted(self.spec.tools)) or "none"
-            raise ValueError(f"unknown tool {name!r}; available: {known}")
-        arguments = payload.get("arguments", {})
-        if isinstance(arguments, str):  # some models send the arguments JSON-encoded
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"tool call arguments are not valid JSON: {e}") from e
-        if tool.command_field:
-            command = arguments.get(tool.command_field) if isinstance(arguments, dict) else None
-            if not isinstance(command, str):
-                raise ValueError(f"tool {name!r} needs a string argument {tool.command_field!r}")
-            return tool, command
-        return tool, json.dumps(arguments)
 
     # ---- gateway ---------------------------------------------------------
 

@@ -19,7 +19,7 @@ from scheduler import events as ev
 from scheduler.config import SchedulerConfig
 from scheduler.gateway_client import GatewayClient, GatewayError
 from scheduler.run import Run, RunSpec
-from scheduler.tools import ToolInfo
+from scheduler.tools import ToolInfo, default_envelopes
 
 log = structlog.get_logger("scheduler")
 
@@ -67,18 +67,19 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
         if unknown:
             raise BadRequest(f"unknown tools {unknown}; hosted: {sorted(hosted)}")
         names = list(request.tool_names) or list(hosted)
+        tools = {n: hosted[n] for n in names}
         envelopes = {_ENVELOPES[e] for e in request.envelopes if e in _ENVELOPES}
         if "plan" in envelopes:
             raise BadRequest("the plan envelope is not supported yet")
         return RunSpec(
             run_id=run_id,
             messages=[message_from_pb(m) for m in request.messages],
-            tools={n: hosted[n] for n in names},
+            tools=tools,
             partial=request.mode != conveyor_pb2.EXECUTION_MODE_SEQUENTIAL,
             sampling=sampling_from_pb(request.sampling),
             max_rounds=request.max_rounds or self.config.max_rounds,
             forced_completions=tuple(request.forced_completions),
-            envelopes=frozenset(envelopes or {"fence", "tag"}),
+            envelopes=frozenset(envelopes) or default_envelopes(tools),
             timeout=remaining if remaining is not None else self.config.run_timeout,
         )
 

@@ -31,3 +31,13 @@ def fence_tools(tools: dict[str, ToolInfo]) -> dict[str, str]:
             if language not in out or tool.name == language:
                 out[language] = tool.name
     return out
+
+
+def default_envelopes(tools: dict[str, ToolInfo]) -> frozenset[str]:
+    """Tool-call tags whenever there are tools (what tool-tuned templates
+    teach); fences when a tool runs a fenced language (what small chat
+    models write). Plans only on request: plan lines read like prose."""
+    envelopes = {"tag"} if tools else set()
+    if fence_tools(tools):
+        envelopes.add("fence")
+    return frozenset(envelopes)

@@ -115,22 +115,36 @@ async def test_partial_mode_runs_the_first_unit_before_generation_ends(stub):
     assert "```" in texts.split("```python\n", 1)[1]
 
 
-async def test_tool_call_tags_and_parse_errors(stub):
+async def test_tool_call_tags_stream_their_code_and_bad_calls_are_parse_errors(stub):
     completion = (
-        '<tool_call>{"name": "python", "arguments": {"code": "x = 40\\nx + 2\\n"}}</tool_call>\n'
+        '<tool_call>{"name": "python", "arguments": {"code": "x = 40\\nx + 2\\n'
+        + "# padding " * 40
+        + '"}}</tool_call>\n'
         '<tool_call>{"name": "nope", "arguments": {}}</tool_call>\n'
-        "<tool_call>{not json</tool_call>"
+        "<tool_call>{not json</tool_call>\n"
+        "```python\nok = 1\nprint(ok\nnever = 2\n```\n"
+        '<tool_call>{"name": "python", "arguments": {"code": "x * 2"}}</tool_call>'
     )
     events = await collect(
         stub, run_request([completion, "done"], conveyor_pb2.EXECUTION_MODE_PARTIAL)
     )
     results = unit_results(events)
     assert results[("call-0", 1)][2] == "42"
-    errors = [e.parse_error.message for e in events if e.WhichOneof("event") == "parse_error"]
-    assert len(errors) == 2
-    assert "unknown tool 'nope'" in errors[0] and "python" in errors[0]
-    assert "not valid JSON" in errors[1]
-    assert events[-1].run_finished.finish_reason == common_pb2.FINISH_REASON_FORCED_END
+    # The tag's first statements ran while the rest of its JSON string was decoded.
+    first = next(e.unit_dispatched for e in events if e.WhichOneof("event") == "unit_dispatched")
+    assert first.call_id == "call-0" and first.during_decode
+    errors = {
+        e.parse_error.call_id: e.parse_error.message
+        for e in events
+        if e.WhichOneof("event") == "parse_error"
+    }
+    assert "unknown tool 'nope'" in errors["call-1"] and "python" in errors["call-1"]
+    assert "malformed JSON" in errors["call-2"] and "expected a key" in errors["call-2"]
+    assert "Python syntax error" in errors["call-3"] and "print(ok" in errors["call-3"]
+    assert results[("call-3", 0)][0]  # the statement before the error ran
+    assert results[("call-4", 0)][2] == "80"  # the run went on
+    finished = events[-1].run_finished
+    assert finished.finish_reason == common_pb2.FINISH_REASON_FORCED_END
 
 
 async def test_variables_persist_across_calls_and_rounds(stub):

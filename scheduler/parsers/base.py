@@ -10,7 +10,15 @@ from typing import Protocol
 class ParsedUnit:
     index: int
     text: str
-    field: str = ""
+    field: str = (
+        ""  # JSON fields: the field (or "name[i]" for an array element); plans: the step id
+    )
+    depends_on: tuple[int, ...] = ()  # plan steps: the $n this step names
+
+
+class ParseFailure(ValueError):
+    """The call's text cannot be parsed; the message says where and why. A
+    parser that raised it takes no more input."""
 
 
 class UnitParser(Protocol):
@@ -34,12 +42,3 @@ class WholeParser:
     def finish(self) -> list[ParsedUnit]:
         text = "".join(self._parts)
         return [ParsedUnit(0, text)] if text.strip() else []
-
-
-def parser_for(partial_mode: str) -> UnitParser:
-    """A fresh parser for a tool's partial mode (names as in PartialMode)."""
-    from scheduler.parsers.python_statements import PythonStatementParser
-
-    if partial_mode == "PYTHON_STATEMENTS":
-        return PythonStatementParser()
-    return WholeParser()

@@ -25,6 +25,8 @@ _SOFT_COMPOUND = re.compile(r"(match)\b")  # `match = 3` is an assignment
 _CONTINUATION = re.compile(r"(elif|else|except|finally)\b")
 _DEFINITION = re.compile(r"(def|class|async|@)")
 _QUOTES = "'\""
+_PLAIN = re.compile(r"[^\n#'\"\\()\[\]{}]*")
+_STRING_BODY = {q: re.compile(rf"[^{q}\\\n]*") for q in _QUOTES}
 _OPEN = "([{"
 _CLOSE = ")]}"
 
@@ -51,10 +53,39 @@ class PythonStatementParser:
 
     def feed(self, text: str) -> list[ParsedUnit]:
         units: list[ParsedUnit] = []
-        for ch in text:
-            if self._step(ch):
+        i, n = 0, len(text)
+        while i < n:
+            end = self._skip_run(text, i)
+            if end > i:
+                i = end
+                continue
+            if self._step(text[i]):
                 self._end_logical_line(units)
+            i += 1
         return units
+
+    def _skip_run(self, text: str, i: int) -> int:
+        """Consumes a run of characters that change no state but the current
+        line (code without quotes, brackets or newlines; string or comment
+        bodies) in one regex match; returns where the run ends."""
+        if self._opening or self._backslash or self._escape:
+            return i
+        if self._comment:
+            end = text.find("\n", i)
+            end = len(text) if end < 0 else end
+        elif self._quote:
+            end = _STRING_BODY[self._quote[0]].match(text, i).end()
+            if end > i:
+                self._closing_run = 0
+        else:
+            end = _PLAIN.match(text, i).end()
+            if end > i:
+                code = text[i:end].rstrip(" \t\r\f")
+                if code:
+                    self._last_significant = code[-1]
+        if end > i:
+            self._line.append(text[i:end])
+        return end
 
     def finish(self) -> list[ParsedUnit]:
         units: list[ParsedUnit] = []
