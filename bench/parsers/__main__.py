@@ -90,63 +90,66 @@ def run(
         tokenizer_label = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
     rows: list[dict] = []
-    todo = [(spec, size) for spec in specs if spec[0] in factories for size in sizes]
-    for step, ((key, mode, command_field, label, _), size_kb) in enumerate(todo, 1):
-        if key not in factories:  # skipped at a smaller size
-            continue
-        bench_input = inputs.build(key, size_kb)
-        text = bench_input.text
-        deltas = measure.token_deltas(text, tokenizer)
+    todo = [spec for spec in specs if spec[0] in factories]
+    for step, (key, mode, command_field, label, _) in enumerate(todo, 1):
         make = factories[key]
-        where = f"[{step}/{len(todo)}] {key} {size_kb} KB"
+        where = f"[{step}/{len(todo)}] {key}"
+        texts = [inputs.build(key, size_kb).text for size_kb in sizes]
+        delta_sets = [measure.token_deltas(text, tokenizer) for text in texts]
         try:
-            units = measure.check_parser(make, deltas)
+            units = [measure.check_parser(make, deltas) for deltas in delta_sets]
         except Exception as e:
-            reason = f"the parser rejected the {size_kb} KB input ({type(e).__name__}: {e})"
+            reason = f"the parser rejected the input ({type(e).__name__}: {e})"
             skipped.append(
                 {"key": key, "mode": mode, "command_field": command_field, "reason": reason}
             )
             print(f"note: skipping {key}: {reason}")
-            del factories[key]
             continue
-        if mode != "WHOLE" and units <= 1:
-            print(f"note: {key} {size_kb} KB gave {units} unit(s) for a multi-unit input")
-        ours = measure.time_parser(make, deltas, reps, min_samples)
-        say(
-            f"{where}: {len(deltas)} deltas, {units} units, "
-            f"ours median {ours.timing.median_us:.2f} µs"
-        )
-        baselines: dict[str, measure.Timing] = {}
-        if mode in JSON_MODES:
-            n_sample = sample if size_kb >= sample_from_kb else None
-            for name in measure.BASELINES:
-                baselines[name] = measure.time_baseline(
-                    name, text, deltas, n_sample, reps=baseline_reps
-                )
-                say(
-                    f"{where}: {name} median {baselines[name].median_us:.1f} µs"
-                    + (" (sampled)" if baselines[name].sampled else "")
-                )
-        rows.append(
-            {
-                "key": key,
-                "mode": mode,
-                "command_field": command_field,
-                "input": label,
-                "size_kb": size_kb,
-                "bytes": inputs.nbytes(text),
-                "chars": len(text),
-                "deltas": len(deltas),
-                "units": units,
-                "ours": ours.timing.as_dict()
-                | {
-                    "pass_totals_ms": ours.totals_ms,
-                    "mean_ns_per_char": ours.timing.mean_us * 1000 * len(deltas) / len(text),
-                },
-                "baselines": {n: b.as_dict() for n, b in baselines.items()},
-                "ratio": {n: b.median_us / ours.timing.median_us for n, b in baselines.items()},
-            }
-        )
+        for size_kb, n in zip(sizes, units, strict=True):
+            if mode != "WHOLE" and n <= 1:
+                print(f"note: {key} {size_kb} KB gave {n} unit(s) for a multi-unit input")
+        say(f"{where}: timing {', '.join(f'{s} KB' for s in sizes)} side by side")
+        runs = measure.time_parsers(make, delta_sets, reps, min_samples)
+        for size_kb, text, deltas, n_units, ours in zip(
+            sizes, texts, delta_sets, units, runs, strict=True
+        ):
+            say(
+                f"{where} {size_kb} KB: {len(deltas)} deltas, {n_units} units, "
+                f"ours median {ours.timing.median_us:.2f} µs"
+            )
+            baselines: dict[str, measure.Timing] = {}
+            if mode in JSON_MODES:
+                n_sample = sample if size_kb >= sample_from_kb else None
+                for name in measure.BASELINES:
+                    baselines[name] = measure.time_baseline(
+                        name, text, deltas, n_sample, reps=baseline_reps
+                    )
+                    say(
+                        f"{where} {size_kb} KB: {name} median "
+                        f"{baselines[name].median_us:.1f} µs"
+                        + (" (sampled)" if baselines[name].sampled else "")
+                    )
+            rows.append(
+                {
+                    "key": key,
+                    "mode": mode,
+                    "command_field": command_field,
+                    "input": label,
+                    "size_kb": size_kb,
+                    "bytes": inputs.nbytes(text),
+                    "chars": len(text),
+                    "deltas": len(deltas),
+                    "units": n_units,
+                    "passes": ours.timing.samples // len(deltas),
+                    "ours": ours.timing.as_dict()
+                    | {
+                        "pass_totals_ms": ours.totals_ms,
+                        "mean_ns_per_char": ours.timing.mean_us * 1000 * len(deltas) / len(text),
+                    },
+                    "baselines": {n: b.as_dict() for n, b in baselines.items()},
+                    "ratio": {n: b.median_us / ours.timing.median_us for n, b in baselines.items()},
+                }
+            )
     say("done")
     return {
         "benchmark": "parsers",

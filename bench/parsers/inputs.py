@@ -243,7 +243,7 @@ def json_code(budget: int) -> str:
 
 def text_lines(budget: int) -> str:
     """Real lines of text (stdlib docstrings), one per line."""
-    return "".join(_fill((line + "\n" for line in _doc_lines()), budget))
+    return "".join(_fill((line + "\n" for line in _doc_lines()), budget, prefix=True))
 
 
 def sql_statements(budget: int) -> str:
@@ -284,7 +284,7 @@ def sql_statements(budget: int) -> str:
             else:
                 yield f"UPDATE notes SET body = {lit(a + '; edited')} WHERE id = {i - 1};\n"
 
-    return "".join(_fill(statements(), budget))
+    return "".join(_fill(statements(), budget, prefix=True))
 
 
 def plan_steps(budget: int) -> str:
@@ -306,7 +306,7 @@ def plan_steps(budget: int) -> str:
             else:
                 yield f'${n} = summarize("{q(s)}", ${n - 1}, ${n - 4})\n'
 
-    return "".join(_fill(steps(), budget))
+    return "".join(_fill(steps(), budget, prefix=True))
 
 
 # (key, mode, command_field, label, builder)

@@ -101,41 +101,77 @@ def check_parser(make: Callable[[], object], deltas: Sequence[str]) -> int:
     return units + len(parser.finish())
 
 
-def time_parser(
-    make: Callable[[], object], deltas: Sequence[str], reps: int, min_samples: int = 0
-) -> ParserRun:
-    """At least `reps` passes (more for short inputs, until `min_samples`
-    per-delta timings) with time.perf_counter_ns around every feed(), pooled
-    for the median and p99; as many passes with no per-delta timer, whose
-    total (every feed plus finish) divided by the number of deltas is the mean
-    (median over passes). A fresh parser each pass. gc stays on, as in a
-    server, but is collected only once up front: a full collection before
-    each short pass would leave it cold-cache and inflate small inputs."""
-    clock = time.perf_counter_ns
-    n = len(deltas)
-    passes = max(reps, min(100, -(-min_samples // n))) if n else 0
-    pooled: list[int] = []
-    totals: list[float] = []
-    gc.collect()
-    check_parser(make, deltas)  # warm-up
-    for _ in range(passes):
-        feed = make().feed
-        ns = [0] * n
+def passes_for(n: int, reps: int, min_samples: int) -> int:
+    """At least `reps` passes, more for short inputs (up to 100) until
+    `min_samples` per-delta timings."""
+    return max(reps, min(100, -(-min_samples // n))) if n else 0
+
+
+class _Timer:
+    """One input's passes: each is a pass with time.perf_counter_ns around
+    every feed() and a pass with no per-delta timer, timed as a whole (every
+    feed plus finish). A fresh parser each pass."""
+
+    def __init__(self, make: Callable[[], object], deltas: Sequence[str]):
+        self.make, self.deltas = make, deltas
+        self.pooled: list[int] = []
+        self.totals_ms: list[float] = []
+
+    def one_pass(self) -> None:
+        clock, deltas = time.perf_counter_ns, self.deltas
+        feed = self.make().feed
+        ns = [0] * len(deltas)
         for i, d in enumerate(deltas):
             t0 = clock()
             feed(d)
             ns[i] = clock() - t0
-        pooled += ns
+        self.pooled += ns
 
-        parser = make()
+        parser = self.make()
         feed = parser.feed
         t0 = clock()
         for d in deltas:
             feed(d)
         parser.finish()
-        totals.append((clock() - t0) / 1e6)
-    mean_us = statistics.median(totals) * 1000.0 / n
-    return ParserRun(_timing(pooled, mean_us), totals)
+        self.totals_ms.append((clock() - t0) / 1e6)
+
+    def result(self) -> ParserRun:
+        mean_us = statistics.median(self.totals_ms) * 1000.0 / len(self.deltas)
+        return ParserRun(_timing(self.pooled, mean_us), self.totals_ms)
+
+
+def time_parsers(
+    make: Callable[[], object],
+    inputs: Sequence[Sequence[str]],
+    reps: int,
+    min_samples: int = 0,
+) -> list[ParserRun]:
+    """Times one parser over several inputs (the sizes of one mode) side by
+    side: their passes are interleaved, each input's spread evenly over the
+    whole run, so a slower or busier stretch of the machine weighs on every
+    size alike and the ratios between sizes stay honest. Per input: the
+    median and p99 of all per-delta timings, and the mean = median over
+    passes of (untimed pass total / deltas). gc stays on, as in a server, but
+    is collected only once up front: a full collection before each short pass
+    would leave it cold-cache and inflate small inputs."""
+    timers = [_Timer(make, deltas) for deltas in inputs]
+    needed = [passes_for(len(deltas), reps, min_samples) for deltas in inputs]
+    rounds = max(needed, default=0)
+    gc.collect()
+    for deltas in inputs:
+        check_parser(make, deltas)  # warm-up
+    for r in range(rounds):
+        for timer, k in zip(timers, needed, strict=True):
+            if (r + 1) * k // rounds > r * k // rounds:
+                timer.one_pass()
+    return [timer.result() for timer in timers]
+
+
+def time_parser(
+    make: Callable[[], object], deltas: Sequence[str], reps: int, min_samples: int = 0
+) -> ParserRun:
+    """time_parsers for a single input."""
+    return time_parsers(make, [deltas], reps, min_samples)[0]
 
 
 # ---- baselines: re-parse the whole prefix at every delta -----------------------
