@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/conveyor/v1/*.proto)
 PROTO_STAMP := $(GEN)/.stamp
 export PYTHONPATH := $(CURDIR)/$(GEN):$(CURDIR)
 
-.PHONY: all install proto run up down test lint clean bench-parsers fuzz
+.PHONY: all install proto run up down test lint clean bench-parsers bench-worker fuzz
 
 all: install proto
 
@@ -57,6 +57,11 @@ test: proto
 # (partial-json-parser, jiter); writes bench/results/parsers.{md,json}.
 bench-parsers: proto
 	$(PY) -m bench.parsers
+
+# Decode tokens/s at 1/4/8/16 concurrent streams and time to first token,
+# against plain model.generate(); writes bench/results/worker.{md,json}.
+bench-worker: proto
+	$(PY) -m bench.worker $(BENCH_ARGS)
 
 # Coverage-guided fuzzing of the parsers (CI runs the hypothesis versions).
 fuzz: proto

@@ -24,6 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=512, help="default per request")
     p.add_argument("--max-queue", type=int, default=64, help="deltas buffered per stream")
+    p.add_argument(
+        "--max-batch", type=int, default=16, help="requests decoded together in one batch"
+    )
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=16384,
+        help="tokens of finished sequences' KV cache kept for reuse by later rounds (0: off)",
+    )
+    p.add_argument(
+        "--device-map",
+        default="",
+        help="accelerate device_map for models larger than one device, e.g. 'auto' "
+        "(overrides --device)",
+    )
     return p
 
 
@@ -35,6 +50,9 @@ class WorkerConfig:
     cache_dir: str = ""
     max_new_tokens: int = 512
     max_queue: int = 64
+    max_batch: int = 16
+    prefix_cache_tokens: int = 16384
+    device_map: str = ""
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> WorkerConfig:
@@ -45,4 +63,7 @@ class WorkerConfig:
             cache_dir=ns.cache_dir,
             max_new_tokens=ns.max_new_tokens,
             max_queue=ns.max_queue,
+            max_batch=ns.max_batch,
+            prefix_cache_tokens=ns.prefix_cache_tokens,
+            device_map=ns.device_map,
         )

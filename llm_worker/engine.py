@@ -1,17 +1,26 @@
-"""The decode engine: one model thread that runs requests step by step.
+"""The decode engine: continuous batching on one model thread.
+
+All running requests decode together, one token each per forward pass. A
+request that arrives is prefilled on its own (reusing a cached prefix when an
+earlier round left one) and joins the batch at the next step; a request that
+ends, is cancelled or is aborted leaves it at the next step, so its slot and
+KV cache are freed at once (see kv_batch.py for how rows join and leave).
 
 The model runs in its own thread so the gRPC event loop stays responsive.
-Each request gets a bounded asyncio queue for its output; the model thread
-blocks on a full queue (backpressure: a slow reader cannot grow memory) but
-checks the request's cancel flag while it waits, and before every decode
-step, so a dropped stream or an Abort stops work within one step.
+Each request's output goes through an asyncio queue whose fill the engine
+bounds: a request whose reader falls `max_queue` items behind is parked (its
+KV cache set aside, its row out of the batch) until the reader catches up, so
+a slow reader neither grows memory nor slows the other requests.
 
-This engine decodes one request at a time; requests wait in arrival order.
+Sampling is per request (temperature, top-p, top-k, seed). Forced decoding is
+a benchmark feature: the request carries its completion, and each of its
+tokens still costs a real decode step in the shared batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
@@ -23,11 +32,22 @@ import structlog
 import torch
 
 from conveyor_common.types import FinishReason, Message, Sampling, ToolDef
+from llm_worker import metrics
 from llm_worker.detokenizer import IncrementalDetokenizer
+from llm_worker.kv_batch import KVBatch, supports_batching
+from llm_worker.prefix_cache import PrefixCache
 from llm_worker.prompt import prompt_ids
 from llm_worker.sampling import make_generator, next_token
 
 log = structlog.get_logger("engine")
+
+# Finish reasons after which a sequence's cache is worth keeping for a next round.
+_REUSABLE = {
+    FinishReason.STOP,
+    FinishReason.LENGTH,
+    FinishReason.STOP_STRING,
+    FinishReason.FORCED_END,
+}
 
 
 @dataclass(frozen=True)
@@ -55,35 +75,93 @@ class Completion:
     prefill_seconds: float
     decode_seconds: float
     message: str = ""  # set for ERROR
+    cached_prompt_tokens: int = 0
+    prefill_seconds_saved: float = 0.0  # estimated, from the measured prefill rate
 
 
 class RequestError(ValueError):
     """A request the engine cannot run as given (a client error)."""
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    rows: int  # in the decode batch
+    parked: int  # waiting for a slow reader
+    waiting: int  # not yet prefilled
+    kv_bytes: int  # the batch's KV cache
+    prefix_cache_entries: int
+    prefix_cache_tokens: int
+
+
 @dataclass
-class _Active:
-    request: GenerationRequest
+class _Stream:
+    """The asyncio side of a request. `sent` and `taken` count items across
+    the two threads; their difference is what the reader has not taken yet."""
+
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sent: int = 0
+    taken: int = 0
+
+    def backlog(self) -> int:
+        return self.sent - self.taken
+
+
+@dataclass
+class _Sequence:
+    """One request as the model thread sees it."""
+
+    request_id: str
+    request: GenerationRequest
+    prompt: list[int]
+    forced: list[int] | None
+    limit: int
+    stream: _Stream
     enqueued_at: float
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: FinishReason = FinishReason.CANCELLED
+    generator: torch.Generator | None = None
+    detok: IncrementalDetokenizer | None = None
+    generated: list[int] = field(default_factory=list)
+    text_tail: str = ""  # the end of the output, for stop strings
     queue_seconds: float = 0.0
-    reader_gone: threading.Event = field(default_factory=threading.Event)
+    prefill_seconds: float = 0.0
+    cached_tokens: int = 0
+    prefill_saved: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    parked_kv: KVBatch | None = None
+    done: bool = False
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, default_max_new_tokens: int = 512, max_queue: int = 64):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        default_max_new_tokens: int = 512,
+        max_queue: int = 64,
+        max_batch: int = 16,
+        prefix_cache_tokens: int = 16384,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        # With accelerate's device_map the inputs go where the embeddings are.
+        self.device = model.get_input_embeddings().weight.device
         self.default_max_new_tokens = default_max_new_tokens
         self.max_queue = max_queue
+        self.max_batch = max(1, max_batch)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self._eos_ids = _eos_ids(model, tokenizer)
-        self._pending: queue.Queue[_Active | None] = queue.Queue()
-        self._active: dict[str, _Active] = {}
+        self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._rows: list[_Sequence] = []  # in batch order
+        self._parked: list[_Sequence] = []
+        self._kv: KVBatch | None = None
+        self._active: dict[str, _Sequence] = {}  # by request id, until the handler leaves
+        self._prefill_s_per_token = 0.0  # measured on cold prefills
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._started = False
 
@@ -95,31 +173,52 @@ class Engine:
             self._started = True
 
     def stop(self) -> None:
-        for active in list(self._active.values()):
-            active.stop_reason = FinishReason.ABORTED
-            active.stop.set()
+        for seq in list(self._active.values()):
+            seq.stop_reason = FinishReason.ABORTED
+            seq.stop.set()
         if self._started:
-            self._pending.put(None)
+            self._inbox.put(None)
             self._thread.join(timeout=10)
             self._started = False
 
     def warm_up(self) -> None:
-        """One short greedy generation so the first request pays no lazy init."""
+        """One prefill and one batched step so the first request pays no lazy
+        init; also learns whether the model's cache can be batched."""
         ids = prompt_ids(self.tokenizer, [Message("user", "Hi")], [])
         with torch.inference_mode():
+            start = time.perf_counter()
             out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
-            self.model(
-                input_ids=out.logits[:, -1:].argmax(-1),
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
+            self._prefill_s_per_token = (time.perf_counter() - start) / len(ids)
+            if not supports_batching(out.past_key_values):
+                log.warning(
+                    "this model's cache cannot be batched (sliding window or recurrent "
+                    "layers); decoding one request at a time, without prefix reuse"
+                )
+                self.max_batch = 1
+                self.prefix_cache.max_tokens = 0
+                return
+            kv = KVBatch.single(out.past_key_values, self.model.config)
+            kv = KVBatch.concat([kv, kv.select([0])])
+            token = out.logits[:, -1:].argmax(-1).repeat(2, 1)
+            self._forward_step(kv, token)
 
     @property
     def running(self) -> int:
-        """Requests admitted and not yet finished (waiting ones included)."""
+        """Requests whose handler is still streaming."""
         return len(self._active)
 
-    # ---- public API ------------------------------------------------------
+    def stats(self) -> EngineStats:
+        kv = self._kv
+        return EngineStats(
+            rows=len(self._rows),
+            parked=len(self._parked),
+            waiting=len(self._waiting) + self._inbox.qsize(),
+            kv_bytes=kv.nbytes() if kv is not None else 0,
+            prefix_cache_entries=len(self.prefix_cache),
+            prefix_cache_tokens=self.prefix_cache.tokens,
+        )
+
+    # ---- public API (event loop side) ------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta | Completion]:
         """Streams deltas, then one Completion. Leaving the iterator early
@@ -127,155 +226,298 @@ class Engine:
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._active:
             raise RequestError(f"request_id {request_id!r} is already running")
-        if not request.messages:
-            raise RequestError("messages must not be empty")
-        active = _Active(
-            request=request,
-            loop=asyncio.get_running_loop(),
-            out=asyncio.Queue(maxsize=self.max_queue),
-            enqueued_at=time.perf_counter(),
-        )
-        self._active[request_id] = active
-        self._pending.put(active)
+        seq = self._new_sequence(request_id, request)
+        self._active[request_id] = seq
+        self._inbox.put(seq)
+        stream = seq.stream
         try:
             while True:
-                item = await active.out.get()
+                item = await stream.queue.get()
+                stream.taken += 1
                 yield item
                 if isinstance(item, Completion):
                     return
         finally:
-            active.reader_gone.set()
-            active.stop.set()
+            seq.stop.set()  # a no-op once finished; CANCELLED if the reader left early
             self._active.pop(request_id, None)
 
     def abort(self, request_id: str) -> bool:
-        active = self._active.get(request_id)
-        if active is None:
+        seq = self._active.get(request_id)
+        if seq is None or seq.done:
             return False
-        active.stop_reason = FinishReason.ABORTED
-        active.stop.set()
+        seq.stop_reason = FinishReason.ABORTED
+        seq.stop.set()
         return True
 
-    # ---- model thread ----------------------------------------------------
-
-    def _loop(self) -> None:
-        while True:
-            active = self._pending.get()
-            if active is None:
-                return
-            if active.stop.is_set():
-                self._emit(active, self._finished(active, active.stop_reason, 0, 0, 0.0, 0.0))
-                continue
-            try:
-                completion = self._run(active)
-            except RequestError as e:
-                completion = self._finished(active, FinishReason.ERROR, 0, 0, 0.0, 0.0, str(e))
-            except Exception as e:  # a model failure ends this request, not the engine
-                log.exception("generation failed")
-                completion = self._finished(
-                    active, FinishReason.ERROR, 0, 0, 0.0, 0.0, f"{type(e).__name__}: {e}"
-                )
-            self._emit(active, completion)
-
-    def _finished(self, active, reason, prompt_n, gen_n, prefill_s, decode_s, message=""):
-        return Completion(
-            finish_reason=reason,
-            prompt_tokens=prompt_n,
-            completion_tokens=gen_n,
-            queue_seconds=active.queue_seconds,
-            prefill_seconds=prefill_s,
-            decode_seconds=decode_s,
-            message=message,
-        )
-
-    def _emit(self, active: _Active, item) -> bool:
-        """Hands an item to the stream; blocks while its queue is full. Returns
-        False when the stream went away."""
-        future = asyncio.run_coroutine_threadsafe(active.out.put(item), active.loop)
-        while True:
-            try:
-                future.result(timeout=0.05)
-                return True
-            except TimeoutError:
-                if active.reader_gone.is_set():
-                    future.cancel()
-                    return False
-            except (asyncio.CancelledError, RuntimeError):  # loop closed or put cancelled
-                return False
-
-    def _run(self, active: _Active) -> Completion:
-        req = active.request
-        active.queue_seconds = time.perf_counter() - active.enqueued_at
-        ids = prompt_ids(self.tokenizer, req.messages, req.tools)
-        forced = (
-            self.tokenizer.encode(req.forced_completion, add_special_tokens=False)
-            if req.forced_completion is not None
-            else None
-        )
-        limit = req.sampling.max_new_tokens or (
-            len(forced) if forced is not None else self.default_max_new_tokens
-        )
+    def _new_sequence(self, request_id: str, request: GenerationRequest) -> _Sequence:
+        """Tokenizes and checks the request before it is queued, so a bad one
+        fails at once with a clear error instead of inside the batch."""
+        if not request.messages:
+            raise RequestError("messages must not be empty")
+        ids = prompt_ids(self.tokenizer, request.messages, request.tools)
         room = self.max_context - len(ids)
         if room <= 0:
             raise RequestError(
                 f"prompt is {len(ids)} tokens; the model's context is {self.max_context}"
             )
-        limit = min(limit, room)
-        generator = make_generator(req.sampling, self.device)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        text = ""
-        stops = req.sampling.stop
-        longest_stop = max((len(s) for s in stops), default=0)
-        reason = FinishReason.LENGTH
-        n = 0
+        forced = (
+            self.tokenizer.encode(request.forced_completion, add_special_tokens=False)
+            if request.forced_completion is not None
+            else None
+        )
+        limit = request.sampling.max_new_tokens or (
+            len(forced) if forced is not None else self.default_max_new_tokens
+        )
+        return _Sequence(
+            request_id=request_id,
+            request=request,
+            prompt=ids,
+            forced=forced,
+            limit=min(limit, room),
+            stream=_Stream(loop=asyncio.get_running_loop()),
+            enqueued_at=time.perf_counter(),
+            generator=make_generator(request.sampling, self.device),
+            detok=IncrementalDetokenizer(self.tokenizer),
+        )
 
+    # ---- model thread ----------------------------------------------------
+
+    def _loop(self) -> None:
         with torch.inference_mode():
-            start = time.perf_counter()
-            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
-            cache, logits = out.past_key_values, out.logits[0, -1]
-            prefill_s = time.perf_counter() - start
-            decode_start = time.perf_counter()
+            while self._take_arrivals():
+                try:
+                    self._drop_stopped()
+                    self._unpark()
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # a failed step ends the batch's requests, not the engine
+                    log.exception("decode step failed")
+                    self._fail_batch(f"{type(e).__name__}: {e}")
+                metrics.RUNNING.set(len(self._rows) + len(self._parked))
+                metrics.WAITING.set(len(self._waiting))
+            for seq in [*self._waiting, *self._rows, *self._parked]:
+                self._finish(seq, FinishReason.ABORTED)
+
+    def _take_arrivals(self) -> bool:
+        """Moves new requests to the waiting line; False once the engine is
+        stopping. With nothing to decode it sleeps until one arrives (waking
+        every few ms while parked requests wait on their readers)."""
+        try:
+            if not (self._rows or self._waiting):
+                item = self._inbox.get(timeout=0.005 if self._parked else None)
+                if item is None:
+                    return False
+                self._waiting.append(item)
             while True:
-                if active.stop.is_set():
-                    reason = active.stop_reason
-                    break
-                if forced is not None and not forced:
-                    reason = FinishReason.FORCED_END
-                    break
-                token = (
-                    forced[n] if forced is not None else next_token(logits, req.sampling, generator)
-                )
-                if forced is None and token in self._eos_ids:
-                    reason = FinishReason.STOP
-                    break
-                n += 1
-                delta, delta_ids = detok.push(token)
-                if delta:
-                    text += delta
-                    if not self._emit(active, Delta(delta, delta_ids)):
-                        reason = FinishReason.CANCELLED
-                        break
-                    if stops and any(s in text[-(longest_stop + len(delta)) :] for s in stops):
-                        reason = FinishReason.STOP_STRING
-                        break
-                if forced is not None and n == len(forced):
-                    # The last forced token needs no next-token logits.
-                    reason = FinishReason.FORCED_END
-                    break
-                if n >= limit:
-                    reason = FinishReason.LENGTH
-                    break
-                out = self.model(
-                    input_ids=torch.tensor([[token]], device=self.device),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                cache, logits = out.past_key_values, out.logits[0, -1]
-            tail, tail_ids = detok.flush()
-            if tail and reason is not FinishReason.CANCELLED:
-                self._emit(active, Delta(tail, tail_ids))
-            decode_s = time.perf_counter() - decode_start
-        return self._finished(active, reason, len(ids), n, prefill_s, decode_s)
+                item = self._inbox.get_nowait()
+                if item is None:
+                    return False
+                self._waiting.append(item)
+        except queue.Empty:
+            return True
+
+    def _drop_stopped(self) -> None:
+        """Ends cancelled and aborted requests wherever they are."""
+        for seq in [s for s in self._waiting if s.stop.is_set()]:
+            self._waiting.remove(seq)
+            self._finish(seq, seq.stop_reason)
+        for seq in [s for s in self._parked if s.stop.is_set()]:
+            self._parked.remove(seq)
+            self._finish(seq, seq.stop_reason)
+        stopped = [i for i, s in enumerate(self._rows) if s.stop.is_set()]
+        for i in stopped:
+            self._finish(self._rows[i], self._rows[i].stop_reason)
+        if stopped:
+            self._keep_rows([i for i in range(len(self._rows)) if i not in set(stopped)])
+
+    def _unpark(self) -> None:
+        ready = [s for s in self._parked if s.stream.backlog() < self.max_queue]
+        for seq in ready:
+            self._parked.remove(seq)
+            self._join(seq, seq.parked_kv)
+            seq.parked_kv = None
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._rows) + len(self._parked) < self.max_batch:
+            seq = self._waiting.popleft()
+            try:
+                kv, logits = self._prefill(seq)
+            except Exception as e:
+                log.exception("prefill failed", request=seq.request_id)
+                self._finish(seq, FinishReason.ERROR, message=f"{type(e).__name__}: {e}")
+                continue
+            if seq.forced == []:
+                self._finish(seq, FinishReason.FORCED_END)
+                continue
+            token = self._choose([seq], logits)[0]
+            reason = self._advance(seq, token)
+            if reason is not None:
+                self._store_prefix(seq, kv, 0)
+                self._finish(seq, reason)
+            elif seq.stream.backlog() >= self.max_queue:
+                seq.parked_kv = kv
+                self._parked.append(seq)
+            else:
+                self._join(seq, kv)
+
+    def _prefill(self, seq: _Sequence) -> tuple[KVBatch, torch.Tensor]:
+        """Runs the prompt (after any cached prefix); returns the sequence's
+        KV and the logits of its last position."""
+        seq.queue_seconds = time.perf_counter() - seq.enqueued_at
+        metrics.QUEUE_TIME.observe(seq.queue_seconds)
+        reused, entry = self.prefix_cache.lookup(seq.prompt)
+        reused = min(reused, len(seq.prompt) - 1)  # at least one token gives the logits
+        start = time.perf_counter()
+        rest = seq.prompt[reused:]
+        out = self.model(
+            input_ids=torch.tensor([rest], device=self.device),
+            past_key_values=entry.copy_prefix(reused) if entry is not None and reused else None,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        seq.prefill_seconds = time.perf_counter() - start
+        if reused > 0:
+            seq.cached_tokens = reused
+            seq.prefill_saved = reused * self._prefill_s_per_token
+            metrics.CACHED_PROMPT_TOKENS.inc(reused)
+            metrics.PREFILL_SECONDS_SAVED.inc(seq.prefill_saved)
+        else:  # a cold prefill keeps the per-token estimate current
+            rate = seq.prefill_seconds / len(rest)
+            self._prefill_s_per_token = 0.8 * self._prefill_s_per_token + 0.2 * rate
+        metrics.PROMPT_TOKENS.inc(len(seq.prompt))
+        return KVBatch.single(out.past_key_values, self.model.config), out.logits[:, -1]
+
+    def _join(self, seq: _Sequence, kv: KVBatch) -> None:
+        self._kv = kv if self._kv is None else KVBatch.concat([self._kv, kv])
+        self._rows.append(seq)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        self._kv = self._kv.select(keep) if self._kv is not None else None
+
+    def _forward_step(self, kv: KVBatch, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step of every row: feeds `tokens` ([rows, 1]) and returns
+        the next-token logits ([rows, vocab])."""
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=kv.step_mask(),
+            position_ids=kv.lengths()[:, None],
+            past_key_values=kv.cache,
+            use_cache=True,
+        )
+        kv.grew()
+        return out.logits[:, -1]
+
+    def _step(self) -> None:
+        rows = self._rows
+        metrics.BATCH_SIZE.observe(len(rows))
+        fed = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
+        logits = self._forward_step(self._kv, fed)
+        keep, park = [], []
+        for i, (seq, token) in enumerate(zip(rows, self._choose(rows, logits), strict=True)):
+            reason = self._advance(seq, token)
+            if reason is not None:
+                self._store_prefix(seq, self._kv, i)
+                self._finish(seq, reason)
+            elif seq.stream.backlog() >= self.max_queue:
+                seq.parked_kv = self._kv.row_prefix(i, int(self._kv.mask[i].sum()))
+                park.append(seq)
+            else:
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._keep_rows(keep)
+            self._parked.extend(park)
+
+    def _choose(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's next token: forced, greedy (one argmax for the batch),
+        or sampled with the row's own parameters and generator."""
+        greedy = logits.argmax(dim=-1).tolist()
+        chosen = []
+        for i, seq in enumerate(rows):
+            if seq.forced is not None:
+                chosen.append(seq.forced[len(seq.generated)])
+            elif seq.generator is None:
+                chosen.append(greedy[i])
+            else:
+                chosen.append(next_token(logits[i], seq.request.sampling, seq.generator))
+        return chosen
+
+    def _advance(self, seq: _Sequence, token: int) -> FinishReason | None:
+        """Takes a sequence's next token: emits its text; returns why the
+        sequence ends here, or None to go on."""
+        if seq.forced is None and token in self._eos_ids:
+            return FinishReason.STOP
+        now = time.perf_counter()
+        if not seq.generated:
+            seq.first_token_at = now
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.enqueued_at)
+        else:
+            metrics.INTER_TOKEN_LATENCY.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.generated.append(token)
+        delta, delta_ids = seq.detok.push(token)
+        if delta:
+            self._emit(seq, Delta(delta, delta_ids))
+            stops = seq.request.sampling.stop
+            if stops:
+                longest = max(len(s) for s in stops)
+                seq.text_tail = (seq.text_tail + delta)[-(longest + len(delta)) :]
+                if any(s in seq.text_tail for s in stops):
+                    return FinishReason.STOP_STRING
+        if seq.forced is not None and len(seq.generated) == len(seq.forced):
+            return FinishReason.FORCED_END
+        if len(seq.generated) >= seq.limit:
+            return FinishReason.LENGTH
+        return None
+
+    def _store_prefix(self, seq: _Sequence, kv: KVBatch, row: int) -> None:
+        """Keeps the tokens the cache holds (the prompt and every fed token)."""
+        if self.prefix_cache.max_tokens <= 0:
+            return
+        held = int(kv.mask[row].sum())
+        self.prefix_cache.store((seq.prompt + seq.generated)[:held], kv.row_prefix(row, held))
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, message: str = "") -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if reason is not FinishReason.CANCELLED and seq.detok is not None:
+            tail, tail_ids = seq.detok.flush()
+            if tail:
+                self._emit(seq, Delta(tail, tail_ids))
+        decode_s = seq.last_token_at - seq.first_token_at if seq.generated else 0.0
+        # Counted before the Completion goes out, so a client that saw it sees them too.
+        metrics.GENERATED_TOKENS.inc(len(seq.generated))
+        metrics.FINISHED.labels(reason.value).inc()
+        self._emit(
+            seq,
+            Completion(
+                finish_reason=reason,
+                prompt_tokens=len(seq.prompt),
+                completion_tokens=len(seq.generated),
+                queue_seconds=seq.queue_seconds,
+                prefill_seconds=seq.prefill_seconds,
+                decode_seconds=decode_s,
+                message=message,
+                cached_prompt_tokens=seq.cached_tokens,
+                prefill_seconds_saved=seq.prefill_saved,
+            ),
+        )
+
+    def _fail_batch(self, message: str) -> None:
+        for seq in self._rows:
+            self._finish(seq, FinishReason.ERROR, message=message)
+        self._rows, self._kv = [], None
+
+    def _emit(self, seq: _Sequence, item: Delta | Completion) -> None:
+        """Hands an item to the request's stream without blocking the batch
+        (the backlog bound is enforced by parking, above)."""
+        seq.stream.sent += 1
+        try:
+            seq.stream.loop.call_soon_threadsafe(seq.stream.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody will read this
+            seq.stop.set()
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

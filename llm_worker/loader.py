@@ -35,15 +35,21 @@ def load(config: WorkerConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(config.model, config.cache_dir)
-    device = pick_device(config.device)
+    device = pick_device("auto" if config.device_map else config.device)
     dtype = pick_dtype(config.dtype, device)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device)
+    if config.device_map:
+        # accelerate spreads the layers over the GPUs (and CPU) that fit them.
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, device_map=config.device_map
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device)
     log.info(
         "model loaded",
         model=source.label,
-        device=str(device),
+        device=str(getattr(model, "hf_device_map", None) or device),
         dtype=str(dtype).removeprefix("torch."),
         seconds=round(time.perf_counter() - start, 2),
     )

@@ -30,7 +30,12 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     """Loads the model, warms it up and starts the engine thread (blocking)."""
     model, tokenizer, label = load(config)
     engine = Engine(
-        model, tokenizer, default_max_new_tokens=config.max_new_tokens, max_queue=config.max_queue
+        model,
+        tokenizer,
+        default_max_new_tokens=config.max_new_tokens,
+        max_queue=config.max_queue,
+        max_batch=config.max_batch,
+        prefix_cache_tokens=config.prefix_cache_tokens,
     )
     engine.warm_up()
     engine.start()

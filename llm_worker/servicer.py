@@ -40,6 +40,8 @@ def completion_to_pb(c: Completion) -> llm_worker_pb2.GenerateComplete:
         queue_seconds=c.queue_seconds,
         prefill_seconds=c.prefill_seconds,
         decode_seconds=c.decode_seconds,
+        cached_prompt_tokens=c.cached_prompt_tokens,
+        prefill_seconds_saved=c.prefill_seconds_saved,
     )
 
 
@@ -73,6 +75,7 @@ class LlmWorkerServicer(llm_worker_pb2_grpc.LlmWorkerServiceServicer):
                         tokens=item.completion_tokens,
                         prefill_s=round(item.prefill_seconds, 3),
                         decode_s=round(item.decode_seconds, 3),
+                        cached_tokens=item.cached_prompt_tokens,
                     )
                     yield llm_worker_pb2.GenerateResponse(
                         request_id=request_id, complete=completion_to_pb(item)

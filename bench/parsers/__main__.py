@@ -9,13 +9,12 @@ for the goals and WORKLOADS.md ("Overheads we measure") for why.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from bench import common
 from bench.parsers import inputs, measure, report
 
 FULL_SIZES = (1, 4, 16, 64)
@@ -54,11 +53,7 @@ def run(
     progress: TextIO = sys.stderr,
 ) -> dict:
     """Measures every available mode at every size; returns all the numbers."""
-    started = time.perf_counter()
-
-    def say(msg: str) -> None:
-        print(f"[bench.parsers {time.perf_counter() - started:6.1f}s] {msg}", file=progress)
-        progress.flush()
+    say = common.progress("bench.parsers", progress)
 
     reps = 2 if quick else 5
     min_samples = 1_000 if quick else 20_000  # per-delta timings per row, at least
@@ -153,8 +148,8 @@ def run(
     say("done")
     return {
         "benchmark": "parsers",
-        "date": report.now(),
-        "machine": report.machine(),
+        "date": common.now(),
+        "machine": common.machine(),
         "config": {
             "sizes_kb": list(sizes),
             "quick": quick,
@@ -174,12 +169,8 @@ def run(
 
 def write(results: dict, out: str | Path) -> tuple[Path, Path, str]:
     """Writes <out>.md and <out>.json; returns their paths and the markdown."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
     text = report.markdown(results)
-    md_path.write_text(text, encoding="utf-8")
-    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    md_path, json_path = common.write(results, out, text)
     return md_path, json_path, text
 
 

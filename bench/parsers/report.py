@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
-
 MEDIAN_GOAL_US = 5.0
 MEDIAN_GOAL_KEYS = ("PYTHON_STATEMENTS", "JSON_FIELDS", "JSON_FIELDS:code")
 FLAT_GOAL_RATIO = 1.5  # largest-size median / smallest-size median that still reads as flat
 
 BASELINE_TITLES = {"partial_json_parser": "partial-json-parser", "jiter": "jiter"}
-
-
-def machine() -> dict:
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
-            )
-    except OSError:
-        pass
-    return {
-        "processor": platform.processor(),
-        "cpu_model": cpu_model,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-    }
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def goals(rows: list[dict]) -> dict:

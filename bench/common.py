@@ -1,0 +1,59 @@
+"""What every benchmark report shares: the machine it ran on, the date,
+progress lines, and writing <out>.md and <out>.json."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+
+def machine() -> dict:
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
+            )
+    except OSError:
+        pass
+    return {
+        "processor": platform.processor(),
+        "cpu_model": cpu_model,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+    }
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def progress(name: str, stream: TextIO = sys.stderr) -> Callable[[str], None]:
+    """A `say(msg)` that prints timestamped progress lines for a long run."""
+    started = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{name} {time.perf_counter() - started:6.1f}s] {msg}", file=stream)
+        stream.flush()
+
+    return say
+
+
+def write(results: dict, out: str | Path, markdown: str) -> tuple[Path, Path]:
+    """Writes <out>.md and <out>.json; returns their paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = out.with_name(out.name + ".md"), out.with_name(out.name + ".json")
+    md_path.write_text(markdown, encoding="utf-8")
+    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return md_path, json_path

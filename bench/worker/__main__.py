@@ -1,0 +1,294 @@
+"""Worker decode speed: one stream and 1/4/8/16 concurrent streams through the
+real gRPC worker, against plain `model.generate()` one request after another
+on the same model, in one run.
+
+    python -m bench.worker [--streams 1,4,8,16] [--tokens 128] [--quick]
+                           [--model ID] [--device auto|cpu|cuda] [--out bench/results/worker]
+
+Both sides do the same work token for token: the baseline's greedy output
+for each prompt is what the worker is then asked to emit by forced decoding
+(each forced token is a real decode step in the shared batch). Prompts are
+real text: summaries asked of standard-library docstrings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench import common
+
+FULL_STREAMS = (1, 4, 8, 16)
+QUICK_STREAMS = (1, 4)
+GOAL_BATCH_SPEEDUP = 3.0  # aggregate tok/s at 8 streams over one stream
+
+
+def prompts(n: int) -> list[str]:
+    """`n` different real prompts: summarize a stdlib module's docstring."""
+    import importlib
+
+    names = (
+        "json collections itertools re typing statistics heapq argparse logging sqlite3 csv "
+        "random string shutil pickle copy inspect ast tokenize unittest doctest pprint operator "
+        "gzip difflib calendar codecs configparser fnmatch hashlib hmac ipaddress locale "
+        "mimetypes sched secrets selectors socket struct subprocess tempfile timeit trace uuid"
+    ).split()
+    out = []
+    for name in names:
+        doc = (importlib.import_module(name).__doc__ or "").strip()
+        if len(doc) > 80:
+            out.append(f"Summarize this documentation in a few sentences:\n\n{doc[:1200]}")
+        if len(out) == n:
+            return out
+    raise ValueError(f"only {len(out)} prompts available, {n} asked for")
+
+
+@dataclass
+class StreamResult:
+    tokens: int
+    ttft_s: float
+    decode_s: float  # first to last token
+    total_s: float
+
+
+def baseline(model, tokenizer, texts: list[str], max_new: int, say) -> tuple[list[str], dict]:
+    """Plain `generate()`, greedy, one request after another. Returns each
+    prompt's completion (for forced decoding) and the timings."""
+    import torch
+
+    from conveyor_common.types import Message
+    from llm_worker.prompt import prompt_ids
+
+    device = model.get_input_embeddings().weight.device
+    completions, decode_rates, ttfts, total_tokens, total_s = [], [], [], 0, 0.0
+    for i, text in enumerate(texts):
+        ids = torch.tensor([prompt_ids(tokenizer, [Message("user", text)], [])], device=device)
+        kwargs = dict(
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, **kwargs)
+            ttft = time.perf_counter() - start
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, **kwargs)
+            elapsed = time.perf_counter() - start
+        new = out[0, ids.shape[1] :].tolist()
+        completions.append(tokenizer.decode(new, skip_special_tokens=True))
+        ttfts.append(ttft)
+        decode_rates.append((len(new) - 1) / max(elapsed - ttft, 1e-9))
+        total_tokens += len(new)
+        total_s += elapsed
+        say(f"generate() {i + 1}/{len(texts)}: {len(new)} tokens in {elapsed:.2f}s")
+    return completions, {
+        "requests": len(texts),
+        "tokens": total_tokens,
+        "tokens_per_s": total_tokens / total_s,
+        "decode_tokens_per_s": statistics.mean(decode_rates),
+        "ttft_mean_s": statistics.mean(ttfts),
+    }
+
+
+async def one_stream(stub, text: str, completion: str) -> StreamResult:
+    from conveyor.v1 import common_pb2, llm_worker_pb2
+
+    request = llm_worker_pb2.GenerateRequest(
+        messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)],
+        forced_decoding=common_pb2.ForcedDecoding(completion=completion),
+    )
+    start = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    async for response in stub.Generate(request, timeout=600):
+        kind = response.WhichOneof("event")
+        if kind == "delta":
+            last = time.perf_counter()
+            first = first or last
+        elif kind == "complete":
+            tokens = response.complete.completion_tokens
+        else:
+            raise RuntimeError(response.error.message)
+    return StreamResult(tokens, first - start, last - first, time.perf_counter() - start)
+
+
+async def concurrent(target: str, texts: list[str], completions: list[str]) -> dict:
+    import grpc
+    from conveyor.v1 import llm_worker_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = llm_worker_pb2_grpc.LlmWorkerServiceStub(channel)
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(one_stream(stub, t, c) for t, c in zip(texts, completions, strict=True))
+        )
+        wall = time.perf_counter() - start
+    tokens = sum(r.tokens for r in results)
+    ttfts = sorted(r.ttft_s for r in results)
+    return {
+        "streams": len(texts),
+        "tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tokens_per_s": tokens / wall,
+        "per_stream_tokens_per_s": statistics.mean(
+            (r.tokens - 1) / r.decode_s for r in results if r.decode_s > 0
+        ),
+        "ttft_mean_s": statistics.mean(ttfts),
+        "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
+    }
+
+
+async def run(
+    streams: Sequence[int],
+    tokens: int,
+    baseline_requests: int,
+    model: str = "",
+    device: str = "auto",
+    quick: bool = False,
+    say=None,
+) -> dict:
+    from conveyor_common.server import stop_server
+    from llm_worker.config import WorkerConfig
+    from llm_worker.server import build_engine, create_server
+
+    say = say or common.progress("bench.worker")
+    config = WorkerConfig(model=model, device=device, max_batch=max(streams))
+    engine, label = await asyncio.to_thread(build_engine, config)
+    engine.prefix_cache.max_tokens = 0  # every request pays its full prefill, as generate() does
+    texts = prompts(max(max(streams), baseline_requests))
+    say(f"model {label} on {engine.device}; baseline: generate() x{baseline_requests}")
+    completions, base = baseline(
+        engine.model, engine.tokenizer, texts[:baseline_requests], tokens, say
+    )
+    # The prompts past the baseline's get the baseline's completions in turn.
+    completions = [completions[i % len(completions)] for i in range(len(texts))]
+    server, port = await create_server(config, engine=engine)
+    rows = []
+    try:
+        for n in streams:
+            row = await concurrent(f"127.0.0.1:{port}", texts[:n], completions[:n])
+            rows.append(row)
+            say(
+                f"{n} stream(s): {row['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
+                f"{row['per_stream_tokens_per_s']:.1f} per stream, "
+                f"TTFT {row['ttft_mean_s'] * 1000:.0f} ms"
+            )
+    finally:
+        await stop_server(server, 0)
+    one = next((r for r in rows if r["streams"] == 1), None)
+    for row in rows:
+        row["vs_one_stream"] = (
+            row["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"] if one else None
+        )
+        row["vs_generate"] = row["aggregate_tokens_per_s"] / base["tokens_per_s"]
+    at8 = next((r for r in rows if r["streams"] == 8), None)
+    import torch
+
+    return {
+        "benchmark": "worker",
+        "date": common.now(),
+        "machine": common.machine(),
+        "config": {
+            "model": label,
+            "device": str(engine.device),
+            "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads(),
+            "tokens_per_stream": tokens,
+            "streams": list(streams),
+            "quick": quick,
+        },
+        "generate": base,
+        "rows": rows,
+        "goals": {
+            "batch_speedup_at_8": {
+                "value": at8["vs_one_stream"] if at8 and one else None,
+                "goal": GOAL_BATCH_SPEEDUP,
+                "met": bool(at8 and one and at8["vs_one_stream"] >= GOAL_BATCH_SPEEDUP),
+            },
+            "single_stream_vs_generate": {
+                "value": one["vs_generate"] if one else None,
+                "goal": 1.0,
+                "met": bool(one and one["vs_generate"] >= 1.0),
+            },
+        },
+    }
+
+
+def markdown(results: dict) -> str:
+    m, cfg, base = results["machine"], results["config"], results["generate"]
+    cpu = m["cpu_model"] or m["processor"] or m["machine"]
+    out = [
+        "# Conveyor worker decode speed",
+        "",
+        f"Machine: {cpu}, {m['cpu_count']} CPUs; device {cfg['device']} ({cfg['dtype']}, "
+        f"{cfg['torch_threads']} torch threads). Model: {cfg['model']}. "
+        f"Date: {results['date']}.",
+        "",
+        f"Each stream decodes {cfg['tokens_per_stream']} tokens through the gRPC worker "
+        "(forced decoding of generate()'s own greedy output, so both do the same steps). "
+        "Baseline: `model.generate()` one request after another.",
+        "",
+        "| streams | aggregate tok/s | per-stream tok/s | TTFT mean | TTFT p90 "
+        "| × one stream | × generate() |",
+        "|---|---|---|---|---|---|---|",
+        f"| generate(), sequential | {base['tokens_per_s']:.1f} | "
+        f"{base['decode_tokens_per_s']:.1f} | {base['ttft_mean_s'] * 1000:.0f} ms | | | 1.00× |",
+    ]
+    for r in results["rows"]:
+        vs_one = f"{r['vs_one_stream']:.2f}×" if r["vs_one_stream"] is not None else ""
+        out.append(
+            f"| {r['streams']} | {r['aggregate_tokens_per_s']:.1f} | "
+            f"{r['per_stream_tokens_per_s']:.1f} | {r['ttft_mean_s'] * 1000:.0f} ms | "
+            f"{r['ttft_p90_s'] * 1000:.0f} ms | {vs_one} | {r['vs_generate']:.2f}× |"
+        )
+    g = results["goals"]
+    out += ["", "## Goals", ""]
+    speedup, single = g["batch_speedup_at_8"], g["single_stream_vs_generate"]
+    if speedup["value"] is not None:
+        out.append(
+            f"- aggregate at 8 streams ≥ {speedup['goal']:g}× one stream: "
+            f"{speedup['value']:.2f}× — {'met' if speedup['met'] else 'MISSED'}"
+        )
+    if single["value"] is not None:
+        out.append(
+            f"- one stream no slower than generate(): {single['value']:.2f}× — "
+            f"{'met' if single['met'] else 'MISSED'}"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.split("\n")[0])
+    ap.add_argument("--streams", help="concurrency levels, comma-separated (default 1,4,8,16)")
+    ap.add_argument("--tokens", type=int, help="tokens per stream (default 128; quick 16)")
+    ap.add_argument("--baseline-requests", type=int, help="generate() calls (default 4; quick 1)")
+    ap.add_argument("--quick", action="store_true", help="1 and 4 streams, 16 tokens (CI)")
+    ap.add_argument("--model", default="", help="model id or path (default: the embedded one)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--out", default="bench/results/worker", help="writes <out>.md and <out>.json")
+    args = ap.parse_args(argv)
+    streams = (
+        [int(s) for s in args.streams.split(",")]
+        if args.streams
+        else list(QUICK_STREAMS if args.quick else FULL_STREAMS)
+    )
+    tokens = args.tokens or (16 if args.quick else 128)
+    baseline_requests = args.baseline_requests or (1 if args.quick else 4)
+    results = asyncio.run(
+        run(streams, tokens, baseline_requests, args.model, args.device, args.quick)
+    )
+    text = markdown(results)
+    md_path, json_path = common.write(results, args.out, text)
+    print(text, end="")
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

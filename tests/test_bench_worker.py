@@ -1,0 +1,35 @@
+"""The worker benchmark's quick path runs end to end on the real default
+model and reports every level. Structure only: speed is never asserted here
+(it lives in bench/)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.worker.__main__ import main, prompts
+
+pytestmark = pytest.mark.real_model
+
+
+def test_prompts_are_distinct_real_text():
+    texts = prompts(16)
+    assert len(set(texts)) == 16 and all(len(t) > 100 for t in texts)
+
+
+def test_quick_run_reports_every_level(tmp_path, capsys):
+    out = tmp_path / "worker"
+    assert main(["--quick", "--streams", "1,2", "--tokens", "6", "--out", str(out)]) == 0
+    results = json.loads(out.with_name("worker.json").read_text(encoding="utf-8"))
+    md = out.with_name("worker.md").read_text(encoding="utf-8")
+    assert md in capsys.readouterr().out
+    assert "| streams | aggregate tok/s |" in md and "generate(), sequential" in md
+    assert [r["streams"] for r in results["rows"]] == [1, 2]
+    for row in results["rows"]:
+        # Forced decoding of generate()'s output: the same tokens on both sides.
+        assert row["tokens"] >= row["streams"] * 5
+        assert row["aggregate_tokens_per_s"] > 0 and row["ttft_mean_s"] > 0
+        assert row["vs_generate"] > 0
+    assert results["generate"]["tokens"] == 6
+    assert results["config"]["device"] == "cpu" and results["machine"]["cpu_count"]

@@ -1,0 +1,321 @@
+"""The worker's continuous batching on the tiny model: batched rows compute
+what they would alone, many streams with cancels and aborts end cleanly with
+their own text, slow readers are parked, prefixes are reused, and the engine
+holds nothing once idle."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+import torch
+from conveyor.v1 import common_pb2, llm_worker_pb2, llm_worker_pb2_grpc
+from prometheus_client import REGISTRY
+
+from conveyor_common.types import Message, Sampling
+from llm_worker.engine import Completion, Delta, GenerationRequest
+from llm_worker.kv_batch import KVBatch
+
+
+@pytest.fixture
+async def stub(worker):
+    _, target = worker
+    async with grpc.aio.insecure_channel(target) as channel:
+        yield llm_worker_pb2_grpc.LlmWorkerServiceStub(channel)
+
+
+async def _idle(engine, seconds: float = 10.0) -> None:
+    """Waits until the engine holds no request and no batch cache."""
+    for _ in range(int(seconds / 0.02)):
+        s = engine.stats()
+        if engine.running == 0 and s.rows == s.parked == s.waiting == s.kv_bytes == 0:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"engine not idle: {engine.stats()}, {engine.running} handlers")
+
+
+def _gen(text: str = "", sampling: Sampling | None = None, forced: str | None = None, rid=""):
+    return GenerationRequest(
+        messages=[Message("user", text or "Say something.")],
+        sampling=sampling or Sampling(),
+        forced_completion=forced,
+        request_id=rid,
+    )
+
+
+async def _run(engine, request: GenerationRequest) -> tuple[str, list[int], Completion]:
+    text, ids, done = "", [], None
+    async for item in engine.generate(request):
+        if isinstance(item, Delta):
+            text += item.text
+            ids += item.token_ids
+        else:
+            done = item
+    return text, ids, done
+
+
+def test_batched_rows_compute_what_they_compute_alone(worker):
+    """Rows of different lengths, left-padded into one batch, give the logits
+    each gives alone; also after a row leaves and a new one joins."""
+    engine, _ = worker
+    model = engine.model
+    prompts = [
+        [5, 17, 300, 42, 9, 11, 800],
+        [7, 7, 123],
+        [1000, 2000, 3000, 4000, 5, 6, 7, 8, 9, 10],
+    ]
+    nxt = [[21, 22, 23], [31, 32, 33], [41, 42, 43]]
+
+    def alone(prompt: list[int], feed: list[int]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+            cache, logits = out.past_key_values, []
+            for t in feed:
+                out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+                logits.append(out.logits[0, -1])
+        return logits
+
+    expected = [alone(p, f) for p, f in zip(prompts, nxt, strict=True)]
+
+    def single(prompt: list[int]) -> KVBatch:
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        return KVBatch.single(out.past_key_values, model.config)
+
+    with torch.inference_mode():
+        kv = KVBatch.concat([single(prompts[0]), single(prompts[1])])
+        assert kv.padded and kv.rows == 2
+        step0 = engine._forward_step(kv, torch.tensor([[nxt[0][0]], [nxt[1][0]]]))
+        kv = kv.select([0])  # row 1 leaves: its padding columns go
+        assert not kv.padded and kv.columns == len(prompts[0]) + 1
+        kv = KVBatch.concat([kv, single(prompts[2])])  # row 2 joins, longer
+        step1 = engine._forward_step(kv, torch.tensor([[nxt[0][1]], [nxt[2][0]]]))
+    torch.testing.assert_close(step0[0], expected[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step0[1], expected[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step1[0], expected[0][1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step1[1], expected[2][0], atol=1e-4, rtol=1e-4)
+
+
+async def test_32_streams_with_cancels_and_aborts_end_cleanly(worker, stub):
+    """Forced decoding makes every stream's text checkable: the ones left
+    alone get exactly their completion, cancelled and aborted ones a prefix
+    of it, and the engine ends idle."""
+    engine, _ = worker
+    rng = random.Random(4)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    plans = []
+    for i in range(32):
+        completion = f"stream {i}: " + " ".join(
+            rng.choice(words) for _ in range(rng.randint(8, 30))
+        )
+        fate = rng.choice(["complete", "complete", "cancel", "abort"])
+        plans.append((f"s32-{i}", completion, fate, rng.randint(1, 4)))
+    plans.append(("s32-sampled", None, "complete", 0))  # an ordinary request in the mix
+
+    async def one(rid: str, completion: str | None, fate: str, after: int):
+        request = llm_worker_pb2.GenerateRequest(
+            request_id=rid,
+            messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"Hi {rid}")],
+        )
+        if completion is not None:
+            request.forced_decoding.completion = completion
+        else:
+            request.sampling.MergeFrom(
+                common_pb2.SamplingParams(temperature=0.8, seed=3, max_new_tokens=20)
+            )
+        call = stub.Generate(request, timeout=120)
+        text, deltas, reason = "", 0, None
+        async for response in call:
+            kind = response.WhichOneof("event")
+            if kind == "delta":
+                text += response.delta.text
+                deltas += 1
+                if deltas == after and fate == "cancel":
+                    call.cancel()
+                    return rid, completion, fate, text, None
+                if deltas == after and fate == "abort":
+                    await stub.Abort(llm_worker_pb2.AbortRequest(request_id=rid))
+            elif kind == "complete":
+                reason = response.complete.finish_reason
+            else:
+                pytest.fail(response.error.message)
+        return rid, completion, fate, text, reason
+
+    results = await asyncio.gather(*(one(*p) for p in plans))
+    for rid, completion, fate, text, reason in results:
+        if completion is None:
+            assert text and reason in (
+                common_pb2.FINISH_REASON_LENGTH,
+                common_pb2.FINISH_REASON_STOP,
+            ), rid
+        elif fate == "complete":
+            assert text == completion and reason == common_pb2.FINISH_REASON_FORCED_END, rid
+        else:
+            assert completion.startswith(text) and text, rid
+            if fate == "abort":
+                # The abort may land after the last token; either way it ended.
+                assert reason in (
+                    common_pb2.FINISH_REASON_ABORTED,
+                    common_pb2.FINISH_REASON_FORCED_END,
+                ), rid
+                if reason == common_pb2.FINISH_REASON_ABORTED:
+                    assert text != completion or len(completion) < 40, rid
+    await _idle(engine)
+    assert sum(f == "abort" for *_, f, _ in plans) and sum(f == "cancel" for *_, f, _ in plans)
+
+
+async def test_memory_returns_to_its_baseline(worker):
+    """After a burst of streams the engine's batch cache is gone and the
+    process's memory is back where the previous burst left it."""
+    import psutil
+
+    engine, _ = worker
+    process = psutil.Process()
+    burst = [_gen(f"burst {i}", forced="word " * 120) for i in range(16)]
+
+    async def run_burst():
+        await asyncio.gather(*(_run(engine, r) for r in burst))
+        await _idle(engine)
+
+    await run_burst()
+    baseline = process.memory_info().rss
+    for _ in range(2):
+        await run_burst()
+    assert engine.stats().kv_bytes == 0
+    assert engine.prefix_cache.tokens <= engine.prefix_cache.max_tokens
+    grown = process.memory_info().rss - baseline
+    assert grown < 64 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB across two bursts"
+
+
+async def test_a_slow_reader_is_parked_and_loses_nothing(worker):
+    """A reader that stops reading does not grow its queue past the bound nor
+    hold up another request; when it reads again it gets every token."""
+    engine, _ = worker
+    long_text = " ".join(f"w{i}" for i in range(600))
+    slow = engine.generate(_gen("slow", forced=long_text))
+    received = ""
+    first = await slow.__anext__()
+    received += first.text
+    for _ in range(200):
+        if engine.stats().parked == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.stats().parked == 1, engine.stats()
+    slow_seq = next(iter(s for s in engine._parked))
+    assert slow_seq.stream.backlog() <= engine.max_queue + 1
+
+    fast_text, _, fast_done = await _run(engine, _gen("fast", forced="quick one"))
+    assert fast_text == "quick one" and fast_done.finish_reason.value == "FORCED_END"
+    assert engine.stats().parked == 1  # still waiting on its reader
+
+    async for item in slow:
+        if isinstance(item, Delta):
+            received += item.text
+        else:
+            assert item.finish_reason.value == "FORCED_END"
+    assert received == long_text
+    await _idle(engine)
+
+
+async def test_seeded_sampling_is_the_same_alone_and_in_a_batch(worker):
+    engine, _ = worker
+    seeded = _gen("seeded", Sampling(temperature=1.0, top_p=0.9, seed=11, max_new_tokens=24))
+    _, alone, _ = await _run(engine, seeded)
+    others = [_gen(f"other {i}", Sampling(temperature=1.0, max_new_tokens=30)) for i in range(5)]
+    results = await asyncio.gather(_run(engine, seeded), *(_run(engine, r) for r in others))
+    assert results[0][1] == alone and len(alone) > 0
+
+
+async def test_a_later_round_reuses_the_cached_prefix(worker):
+    """Round 2 repeats round 1's prompt and output: it is served from the
+    prefix cache, and greedy decoding gives the same tokens as without it."""
+    engine, _ = worker
+    greedy = Sampling(max_new_tokens=12)
+    first = [Message("system", "You are terse."), Message("user", "Count to five.")]
+    text, _, done1 = await _run(engine, GenerationRequest(messages=first, sampling=greedy))
+    second = [*first, Message("assistant", text), Message("user", "Again, backwards.")]
+
+    budget = engine.prefix_cache.max_tokens
+    engine.prefix_cache.max_tokens = 0
+    engine.prefix_cache.clear()
+    try:
+        _, cold_ids, cold = await _run(engine, GenerationRequest(messages=second, sampling=greedy))
+    finally:
+        engine.prefix_cache.max_tokens = budget
+    assert cold.cached_prompt_tokens == 0
+
+    await _run(engine, GenerationRequest(messages=first, sampling=greedy))
+    _, warm_ids, warm = await _run(engine, GenerationRequest(messages=second, sampling=greedy))
+    # Round 1's prompt is reused; its last token ("\n" after "assistant") may
+    # merge with the re-rendered output, so the match can end one token early.
+    assert warm.cached_prompt_tokens >= done1.prompt_tokens - 1
+    assert warm.prefill_seconds_saved > 0
+    assert warm_ids == cold_ids
+
+
+async def test_abort_and_drop_free_the_slot_at_the_next_step(worker, stub):
+    engine, _ = worker
+    request = llm_worker_pb2.GenerateRequest(
+        request_id="free-me",
+        messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="x")],
+        forced_decoding=common_pb2.ForcedDecoding(completion="tok " * 2000),
+    )
+    call = stub.Generate(request, timeout=60)
+    async for _ in call:
+        if engine.stats().rows == 1:
+            break
+    assert (await stub.Abort(llm_worker_pb2.AbortRequest(request_id="free-me"))).found
+    await _idle(engine)
+    call.cancel()
+
+    call = stub.Generate(request, timeout=60)
+    async for _ in call:
+        if engine.stats().rows == 1:
+            break
+    call.cancel()  # a dropped stream
+    await _idle(engine)
+
+
+async def test_metrics_count_tokens_and_latencies(worker):
+    engine, _ = worker
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    before = sample("conveyor_worker_generation_tokens_total")
+    ttft = sample("conveyor_worker_time_to_first_token_seconds_count")
+    await _run(engine, _gen("metrics", forced="one two three four"))
+    assert sample("conveyor_worker_generation_tokens_total") >= before + 4
+    assert sample("conveyor_worker_time_to_first_token_seconds_count") == ttft + 1
+    assert sample("conveyor_worker_inter_token_latency_seconds_count") > 0
+    assert sample("conveyor_worker_queue_time_seconds_count") > 0
+    assert sample("conveyor_worker_num_requests_running") is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_the_engine_batches_on_a_gpu(tiny_model_dir):
+    from llm_worker.config import WorkerConfig
+    from llm_worker.server import build_engine
+
+    engine, _ = await asyncio.to_thread(
+        build_engine, WorkerConfig(model=str(tiny_model_dir), device="cuda")
+    )
+    try:
+        assert engine.device.type == "cuda"
+        texts = [f"gpu stream {i} " + "word " * (10 + i) for i in range(6)]
+        results = await asyncio.gather(
+            *(_run(engine, _gen(f"g{i}", forced=t)) for i, t in enumerate(texts))
+        )
+        assert [r[0] for r in results] == texts
+        _, a, _ = await _run(
+            engine, _gen("s", Sampling(temperature=1.0, seed=5, max_new_tokens=16))
+        )
+        _, b, _ = await _run(
+            engine, _gen("s", Sampling(temperature=1.0, seed=5, max_new_tokens=16))
+        )
+        assert a == b
+    finally:
+        engine.stop()
