@@ -30,6 +30,6 @@ def test_quick_run_reports_every_level(tmp_path, capsys):
         # Forced decoding of generate()'s output: the same tokens on both sides.
         assert row["tokens"] >= row["streams"] * 5
         assert row["aggregate_tokens_per_s"] > 0 and row["ttft_mean_s"] > 0
-        assert row["vs_generate"] > 0
+        assert row["vs_generate"] > 0 and row["exact_streams"] == row["streams"]
     assert results["generate"]["tokens"] == 6
     assert results["config"]["device"] == "cpu" and results["machine"]["cpu_count"]

@@ -50,6 +50,7 @@ def prompts(n: int) -> list[str]:
 
 @dataclass
 class StreamResult:
+    exact: bool  # the stream's text is exactly the forced completion
     tokens: int
     ttft_s: float
     decode_s: float  # first to last token
@@ -105,17 +106,19 @@ async def one_stream(stub, text: str, completion: str) -> StreamResult:
     )
     start = time.perf_counter()
     first = last = 0.0
-    tokens = 0
+    tokens, text = 0, ""
     async for response in stub.Generate(request, timeout=600):
         kind = response.WhichOneof("event")
         if kind == "delta":
+            text += response.delta.text
             last = time.perf_counter()
             first = first or last
         elif kind == "complete":
             tokens = response.complete.completion_tokens
         else:
             raise RuntimeError(response.error.message)
-    return StreamResult(tokens, first - start, last - first, time.perf_counter() - start)
+    exact = text == completion
+    return StreamResult(exact, tokens, first - start, last - first, time.perf_counter() - start)
 
 
 async def concurrent(target: str, texts: list[str], completions: list[str]) -> dict:
@@ -133,6 +136,7 @@ async def concurrent(target: str, texts: list[str], completions: list[str]) -> d
     ttfts = sorted(r.ttft_s for r in results)
     return {
         "streams": len(texts),
+        "exact_streams": sum(r.exact for r in results),
         "tokens": tokens,
         "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall,
@@ -235,17 +239,18 @@ def markdown(results: dict) -> str:
         "Baseline: `model.generate()` one request after another.",
         "",
         "| streams | aggregate tok/s | per-stream tok/s | TTFT mean | TTFT p90 "
-        "| × one stream | × generate() |",
-        "|---|---|---|---|---|---|---|",
+        "| × one stream | × generate() | exact text |",
+        "|---|---|---|---|---|---|---|---|",
         f"| generate(), sequential | {base['tokens_per_s']:.1f} | "
-        f"{base['decode_tokens_per_s']:.1f} | {base['ttft_mean_s'] * 1000:.0f} ms | | | 1.00× |",
+        f"{base['decode_tokens_per_s']:.1f} | {base['ttft_mean_s'] * 1000:.0f} ms | | | 1.00× | |",
     ]
     for r in results["rows"]:
         vs_one = f"{r['vs_one_stream']:.2f}×" if r["vs_one_stream"] is not None else ""
         out.append(
             f"| {r['streams']} | {r['aggregate_tokens_per_s']:.1f} | "
             f"{r['per_stream_tokens_per_s']:.1f} | {r['ttft_mean_s'] * 1000:.0f} ms | "
-            f"{r['ttft_p90_s'] * 1000:.0f} ms | {vs_one} | {r['vs_generate']:.2f}× |"
+            f"{r['ttft_p90_s'] * 1000:.0f} ms | {vs_one} | {r['vs_generate']:.2f}× | "
+            f"{r['exact_streams']}/{r['streams']} |"
         )
     g = results["goals"]
     out += ["", "## Goals", ""]
