@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from tool_gateway.messages import (
+    Aborted,
     CallFailed,
     CallFinished,
     CancelCall,
@@ -200,6 +201,8 @@ class StreamExecutor:
             UNITS.labels(tool, "ok" if outcome.ok else "exception").inc()
             TOOL_SECONDS.labels(tool).inc(outcome.duration_seconds)
             self._events.put_nowait(UnitFinished(call.call_id, outcome))
+            if outcome.verdict is not None:
+                return self._aborted(call, outcome, outcomes)
         # unit_count 0 means the client did not say.
         if item.unit_count and item.unit_count != len(outcomes):
             raise ToolFailure(
@@ -210,6 +213,21 @@ class StreamExecutor:
         return CallOutcome(
             ok=all(o.ok for o in outcomes),
             output=output,
+            units_executed=len(outcomes),
+            tool_seconds=sum(o.duration_seconds for o in outcomes),
+        )
+
+    def _aborted(
+        self, call: _Call, outcome: UnitOutcome, outcomes: list[UnitOutcome]
+    ) -> CallOutcome:
+        """Sends the verdict and ends the call without waiting for its close:
+        later units of a doomed call are dropped (the call has ended)."""
+        verdict = outcome.verdict
+        self._events.put_nowait(Aborted(call.call_id, outcome.index, verdict.reason, verdict.field))
+        where = f" (argument {verdict.field!r})" if verdict.field else ""
+        return CallOutcome(
+            ok=False,
+            output=f"aborted{where}: {verdict.reason}",
             units_executed=len(outcomes),
             tool_seconds=sum(o.duration_seconds for o in outcomes),
         )

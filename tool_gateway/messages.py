@@ -72,4 +72,14 @@ class CallFailed:
     message: str
 
 
-Event = UnitStarted | UnitFinished | CallFinished | CallFailed
+@dataclass(frozen=True)
+class Aborted:
+    """A unit's verdict that the request is doomed; the call ends next."""
+
+    call_id: str
+    unit_index: int
+    reason: str
+    field: str = ""
+
+
+Event = UnitStarted | UnitFinished | Aborted | CallFinished | CallFailed

@@ -8,7 +8,7 @@ from conveyor.v1 import tool_gateway_pb2, tool_gateway_pb2_grpc
 
 from conveyor_common.server import add_standard_services, bind, new_server, on_stop
 from tool_gateway.config import GatewayConfig
-from tool_gateway.registry import build_registry
+from tool_gateway.registry import ToolRegistry, build_registry
 from tool_gateway.servicer import ToolGatewayServicer
 
 log = structlog.get_logger("gateway")
@@ -17,13 +17,18 @@ SERVICE_NAME = tool_gateway_pb2.DESCRIPTOR.services_by_name["ToolGatewayService"
 
 
 async def create_server(
-    config: GatewayConfig, host: str | None = None, port: int | None = None
+    config: GatewayConfig,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    registry: ToolRegistry | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Checks the sandbox, starts the server, sets health SERVING; returns
-    the server and its bound port. `host`/`port` default to the config's.
-    Raises SandboxUnavailable when code cannot be sandboxed and
-    allow_unsandboxed is off."""
-    registry = await build_registry(config)
+    the server and its bound port. `host`/`port` default to the config's;
+    `registry` to the built-in tools (tests pass their own). Raises
+    SandboxUnavailable when code cannot be sandboxed and allow_unsandboxed
+    is off."""
+    registry = registry or await build_registry(config)
     server = new_server()
     servicer = ToolGatewayServicer(registry, config.call_timeout)
     tool_gateway_pb2_grpc.add_ToolGatewayServiceServicer_to_server(servicer, server)

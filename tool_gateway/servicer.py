@@ -142,6 +142,13 @@ def event_to_pb(event: m.Event) -> tool_gateway_pb2.ExecuteResponse:
                 truncated=o.truncated,
             ),
         )
+    if isinstance(event, m.Aborted):
+        return tool_gateway_pb2.ExecuteResponse(
+            call_id=event.call_id,
+            abort_verdict=tool_gateway_pb2.AbortVerdict(
+                reason=event.reason, field=event.field, unit_index=event.unit_index
+            ),
+        )
     if isinstance(event, m.CallFinished):
         o = event.outcome
         return tool_gateway_pb2.ExecuteResponse(

@@ -65,6 +65,16 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """A tool's word that the whole request is already doomed (an invalid
+    argument, say): the gateway sends an AbortVerdict and ends the call, and
+    the scheduler stops decoding instead of letting the model finish."""
+
+    reason: str
+    field: str = ""  # the argument at fault, when there is one
+
+
+@dataclass(frozen=True)
 class UnitOutcome:
     index: int
     ok: bool
@@ -74,6 +84,7 @@ class UnitOutcome:
     exception: str = ""  # the formatted exception when ok is False
     duration_seconds: float = 0.0
     truncated: bool = False
+    verdict: Verdict | None = None  # set to abort the request (ends the call)
 
 
 @dataclass(frozen=True)
