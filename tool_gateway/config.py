@@ -31,6 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-cap", type=int, default=64 * 1024, help="bytes of stdout/stderr kept per unit"
     )
+    p.add_argument(
+        "--tools-file",
+        default="",
+        help="YAML file of OpenAI-style function specs mapped to handlers (see plugins.py)",
+    )
+    p.add_argument(
+        "--search-url",
+        default="",
+        help="search API the search tool calls (GET ?q=&k=); empty: the local FTS5 index",
+    )
+    p.add_argument(
+        "--database-path",
+        default="",
+        help="SQLite file the database tool opens read-only; empty: the built sample database",
+    )
     return p
 
 
@@ -45,6 +60,9 @@ class GatewayConfig:
     memory_mb: int = 2048
     cpu_seconds: int = 120
     output_cap: int = 64 * 1024
+    tools_file: str = ""
+    search_url: str = ""
+    database_path: str = ""
 
     def __post_init__(self) -> None:
         for name in ("unit_timeout", "call_timeout", "memory_mb", "cpu_seconds", "output_cap"):
@@ -63,4 +81,7 @@ class GatewayConfig:
             memory_mb=ns.memory_mb,
             cpu_seconds=ns.cpu_seconds,
             output_cap=ns.output_cap,
+            tools_file=ns.tools_file,
+            search_url=ns.search_url,
+            database_path=ns.database_path,
         )

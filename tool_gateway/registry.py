@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tool_gateway.config import GatewayConfig
+from tool_gateway.plugins import entry_point_tools, file_tools
 from tool_gateway.tools.base import Tool, ToolSpec
 from tool_gateway.tools.python_tool import PythonTool
 
@@ -28,6 +29,12 @@ class ToolRegistry:
 
 
 async def build_registry(config: GatewayConfig) -> ToolRegistry:
-    """The built-in tools. Raises SandboxUnavailable when code cannot be
-    sandboxed and --allow-unsandboxed was not given."""
-    return ToolRegistry([await PythonTool.from_config(config)])
+    """The built-in tools, then entry-point tools, then the tools file's.
+    Raises SandboxUnavailable when code cannot be sandboxed and
+    --allow-unsandboxed was not given, PluginError when a tool from outside
+    cannot be loaded, ValueError when two tools share a name."""
+    tools: list[Tool] = [await PythonTool.from_config(config)]
+    tools += await entry_point_tools(config)
+    if config.tools_file:
+        tools += file_tools(config.tools_file)
+    return ToolRegistry(tools)

@@ -1,0 +1,115 @@
+"""Tools from outside the gateway's code: Python entry points and a YAML file.
+
+Entry points (group `conveyor.tools`) name a Tool subclass, a Tool instance,
+or a factory `f(config) -> Tool` (which may be async); a package adds tools to
+every gateway it is installed next to:
+
+    [project.entry-points."conveyor.tools"]
+    word_count = "my_tools.word_count:WordCount"
+
+A YAML file (`--tools-file`) maps OpenAI-style function specs to handlers:
+
+    tools:
+      - type: function
+        function:
+          name: get_weather
+          description: Current weather for a city.
+          parameters: {type: object, properties: {city: {type: string}}}
+        partial_mode: JSON_FIELDS   # default WHOLE
+        partial_safe: true          # default false: units wait for the call's end
+        command_field: ""           # an argument whose string is the command
+        handler:
+          python: my_tools.weather:get_weather    # or
+          http: http://weather-svc:8080/unit      # POSTed each unit
+          timeout_seconds: 10
+
+A tool that cannot be loaded stops the gateway at start with a message that
+names it: a gateway silently missing a tool fails every run that needs it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import yaml
+
+from tool_gateway.tools.base import PartialMode, Tool, ToolSpec
+from tool_gateway.tools.external import ExternalTool, http_handler, import_handler
+
+ENTRY_POINT_GROUP = "conveyor.tools"
+
+
+class PluginError(RuntimeError):
+    """A tool from an entry point or a tools file could not be loaded."""
+
+
+async def entry_point_tools(config) -> list[Tool]:
+    tools = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            target = ep.load()
+            tool = target() if isinstance(target, type) else target
+            if not isinstance(tool, Tool) and callable(tool):
+                tool = tool(config)
+                if inspect.isawaitable(tool):
+                    tool = await tool
+        except Exception as e:
+            raise PluginError(f"entry point {ep.name!r} ({ep.value}): {e}") from e
+        if not isinstance(tool, Tool):
+            raise PluginError(
+                f"entry point {ep.name!r} ({ep.value}) gave {type(tool).__name__}, not a Tool"
+            )
+        tools.append(tool)
+    return tools
+
+
+def file_tools(path: str | Path) -> list[Tool]:
+    """The tools a YAML tools file declares."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise PluginError(f"tools file {path}: {e}") from e
+    entries = doc.get("tools") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise PluginError(f"tools file {path}: expected a top-level 'tools:' list")
+    return [_file_tool(path, i, entry) for i, entry in enumerate(entries)]
+
+
+def _file_tool(path, i: int, entry: object) -> Tool:
+    where = f"tools file {path}, tool {i}"
+    if not isinstance(entry, dict):
+        raise PluginError(f"{where}: expected a mapping")
+    function = entry.get("function", entry)  # `type: function` wrapper optional
+    name = function.get("name") if isinstance(function, dict) else None
+    if not name or not isinstance(name, str):
+        raise PluginError(f"{where}: 'function.name' is required")
+    where = f"{where} ({name})"
+    mode_name = str(entry.get("partial_mode", "WHOLE")).upper().removeprefix("PARTIAL_MODE_")
+    try:
+        mode = PartialMode(mode_name)
+    except ValueError:
+        known = ", ".join(m.value for m in PartialMode)
+        raise PluginError(f"{where}: unknown partial_mode {mode_name!r}; one of {known}") from None
+    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise PluginError(f"{where}: 'parameters' must be a JSON schema object")
+    spec = ToolSpec(
+        name=name,
+        description=str(function.get("description", "")),
+        parameters=parameters,
+        partial_mode=mode,
+        partial_safe=bool(entry.get("partial_safe", False)),
+        command_field=str(entry.get("command_field", "")),
+    )
+    handler = entry.get("handler")
+    if not isinstance(handler, dict) or ("python" in handler) == ("http" in handler):
+        raise PluginError(f"{where}: 'handler' needs exactly one of 'python' or 'http'")
+    try:
+        if "python" in handler:
+            return ExternalTool(spec, import_handler(str(handler["python"])))
+        timeout = float(handler.get("timeout_seconds", 30))
+        return ExternalTool(spec, http_handler(str(handler["http"]), timeout))
+    except Exception as e:
+        raise PluginError(f"{where}: {e}") from e
