@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cpu-seconds", type=int, default=120, help="CPU time limit per session")
     p.add_argument(
+        "--max-processes",
+        type=int,
+        default=128,
+        help="processes and threads one interpreter's sandbox may hold (a pids cgroup)",
+    )
+    p.add_argument(
         "--output-cap", type=int, default=64 * 1024, help="bytes of stdout/stderr kept per unit"
     )
     p.add_argument(
@@ -60,12 +66,20 @@ class GatewayConfig:
     memory_mb: int = 2048
     cpu_seconds: int = 120
     output_cap: int = 64 * 1024
+    max_processes: int = 128
     tools_file: str = ""
     search_url: str = ""
     database_path: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("unit_timeout", "call_timeout", "memory_mb", "cpu_seconds", "output_cap"):
+        for name in (
+            "unit_timeout",
+            "call_timeout",
+            "memory_mb",
+            "cpu_seconds",
+            "output_cap",
+            "max_processes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
 
@@ -81,6 +95,7 @@ class GatewayConfig:
             memory_mb=ns.memory_mb,
             cpu_seconds=ns.cpu_seconds,
             output_cap=ns.output_cap,
+            max_processes=ns.max_processes,
             tools_file=ns.tools_file,
             search_url=ns.search_url,
             database_path=ns.database_path,

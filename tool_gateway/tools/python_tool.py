@@ -20,7 +20,16 @@ from pathlib import Path
 
 from tool_gateway.config import GatewayConfig
 from tool_gateway.metrics import SESSIONS
-from tool_gateway.sandbox import Limits, death_signal, find_sandbox, kill_group, spawn
+from tool_gateway.sandbox import (
+    Limits,
+    PidsCgroups,
+    Sandbox,
+    death_signal,
+    find_sandbox,
+    kill_group,
+    pids_cgroups,
+    spawn,
+)
 from tool_gateway.tools.base import (
     PartialMode,
     Tool,
@@ -59,8 +68,10 @@ SPEC = ToolSpec(
 class PythonTool(Tool):
     spec = SPEC
 
-    def __init__(self, *, bwrap: str | None, limits: Limits, unit_timeout: float, output_cap: int):
-        self.bwrap = bwrap  # None: unsandboxed (only with --allow-unsandboxed)
+    def __init__(
+        self, *, sandbox: Sandbox | None, limits: Limits, unit_timeout: float, output_cap: int
+    ):
+        self.sandbox = sandbox  # None: unsandboxed (only with --allow-unsandboxed)
         self.limits = limits
         self.unit_timeout = unit_timeout
         self.output_cap = output_cap
@@ -70,23 +81,31 @@ class PythonTool(Tool):
         """Checks the sandbox first; raises SandboxUnavailable when there is
         none and running without one is not allowed."""
         return cls(
-            bwrap=await find_sandbox(config.allow_unsandboxed),
-            limits=Limits(cpu_seconds=config.cpu_seconds, memory_bytes=config.memory_mb << 20),
+            sandbox=await find_sandbox(config.allow_unsandboxed),
+            limits=Limits(
+                cpu_seconds=config.cpu_seconds,
+                memory_bytes=config.memory_mb << 20,
+                processes=config.max_processes,
+            ),
             unit_timeout=config.unit_timeout,
             output_cap=config.output_cap,
         )
 
     async def open_session(self, session_key: str) -> PythonSession:
         # Unsandboxed there is no private /tmp: give each session a directory.
-        workdir = None if self.bwrap else tempfile.mkdtemp(prefix="conveyor-python-")
+        workdir = None if self.sandbox else tempfile.mkdtemp(prefix="conveyor-python-")
         command = [sys.executable, "-I", str(REPL_PATH), str(self.output_cap)]
+        cgroup = pids_cgroups().new(self.limits.processes)
         try:
-            proc = await spawn(command, self.limits, self.bwrap, cwd=workdir or "/tmp")
+            proc = await spawn(
+                command, self.limits, self.sandbox, cwd=workdir or "/tmp", cgroup=cgroup
+            )
         except OSError as e:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
+            PidsCgroups.remove(cgroup)
             raise ToolFailure(ToolErrorCode.SANDBOX, f"could not start the interpreter: {e}") from e
-        session = PythonSession(proc, self, workdir)
+        session = PythonSession(proc, self, workdir, cgroup)
         try:
             await session.wait_ready()
         except BaseException:
@@ -96,10 +115,13 @@ class PythonTool(Tool):
 
 
 class PythonSession(ToolSession):
-    def __init__(self, proc: asyncio.subprocess.Process, tool: PythonTool, workdir: str | None):
+    def __init__(
+        self, proc: asyncio.subprocess.Process, tool: PythonTool, workdir: str | None, cgroup: str
+    ):
         self._proc = proc
         self._tool = tool
         self._workdir = workdir
+        self._cgroup = cgroup
         self._lock = asyncio.Lock()  # one unit at a time: the protocol is request/reply
         self._dead: str | None = None  # why no unit can run any more
         self._closed = False
@@ -175,6 +197,7 @@ class PythonSession(ToolSession):
         self._closed = True
         self._kill("the session was closed")
         await self._proc.wait()
+        PidsCgroups.remove(self._cgroup)
         self._stderr_task.cancel()
         if self._workdir:
             await asyncio.to_thread(shutil.rmtree, self._workdir, True)
@@ -219,7 +242,7 @@ class PythonSession(ToolSession):
             return "the Python interpreter stopped answering; it was killed"
         code = self._proc.returncode
         assert code is not None
-        sig = death_signal(code, sandboxed=self._tool.bwrap is not None)
+        sig = death_signal(code, sandboxed=self._tool.sandbox is not None)
         limits = self._tool.limits
         if sig == signal.SIGXCPU:
             why = f"used up its CPU time limit ({limits.cpu_seconds} s per session)"
