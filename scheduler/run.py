@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from conveyor_common.types import FinishReason, Message, Sampling
+from scheduler import metrics
 from scheduler.envelopes import CallClosed, CallOpened, CallText, EnvelopeScanner
 from scheduler.events import (
     AbortVerdict,
@@ -54,6 +55,7 @@ class RunSpec:
     partial: bool = True
     sampling: Sampling = field(default_factory=Sampling)
     max_rounds: int = 4
+    abort_retries: int = 0  # re-prompts with an abort verdict before the run ends ABORTED
     forced_completions: tuple[str, ...] = ()
     envelopes: frozenset[str] = frozenset({"fence", "tag"})
     timeout: float = 600.0
@@ -89,6 +91,8 @@ class Run:
         self._generation_id = ""
         self._gateway_down = ""  # why the gateway stream failed, once it has
         self._current: _Call | None = None
+        # Every downstream call gets what is left of the run's own deadline.
+        self._deadline = time.monotonic() + spec.timeout
 
     # ---- public ----------------------------------------------------------
 
@@ -111,6 +115,9 @@ class Run:
 
     # ---- the run ---------------------------------------------------------
 
+    def _remaining(self) -> float:
+        return max(0.001, self._deadline - time.monotonic())
+
     def _emit(self, event: RunEvent) -> None:
         self._queue.put_nowait(event)
 
@@ -130,6 +137,13 @@ class Run:
             else:
                 self._stream.cancel()
         timing = self._timing.summary()
+        mode = "partial" if self.spec.partial else "sequential"
+        metrics.RUNS.labels(mode, reason.value).inc()
+        metrics.RUN_SECONDS.labels(mode).observe(timing.total_seconds)
+        metrics.HIDDEN_TOOL_SECONDS.inc(timing.hidden_tool_seconds)
+        metrics.TOOL_SECONDS.inc(timing.tool_seconds)
+        if reason is FinishReason.ABORTED:
+            metrics.ABORTS.inc()
         log.info(
             "run done",
             finish=reason.value,
@@ -142,15 +156,24 @@ class Run:
     async def _rounds(self) -> tuple[FinishReason, str, str]:
         messages = list(self.spec.messages)
         text = ""
+        retries = self.spec.abort_retries
         for round_no in range(self.spec.max_rounds):
             self._emit(RoundStarted(round_no))
             text, done = await self._generate(round_no, messages)
             calls = [c for c in self._calls.values() if c.round == round_no]
             if self._abort is not None:
+                verdict = self._abort
                 for call in calls:
                     if not call.outcome.done() and self._stream is not None:
                         self._stream.cancel_call(call.call_id, "the run was aborted")
-                return FinishReason.ABORTED, self._abort.reason, text
+                if retries <= 0:
+                    return FinishReason.ABORTED, verdict.reason, text
+                # Re-prompt: the model reads what it wrote and why it was stopped.
+                retries -= 1
+                self._abort = None
+                messages.append(Message("assistant", text))
+                messages.append(_verdict_message(self._calls[verdict.call_id], verdict))
+                continue
             if not calls:
                 return done.finish_reason, "", text
             outcomes = [await call.outcome for call in calls]
@@ -179,7 +202,7 @@ class Run:
             list(self.spec.tools.values()),
             self.spec.sampling,
             forced[round_no] if round_no < len(forced) else None,
-            timeout=self.spec.timeout,
+            timeout=self._remaining(),
         )
         try:
             # aclosing: leaving the loop early must cancel the worker's stream now.
@@ -273,6 +296,8 @@ class Run:
     def _dispatch(self, call: _Call, unit: ParsedUnit, completed_at: float) -> None:
         now = time.perf_counter()
         self._timing.dispatched(now - completed_at)
+        metrics.PARSE_LAG.observe(now - completed_at)
+        metrics.UNITS_DISPATCHED.labels(str(self._decoding).lower()).inc()
         self._emit(
             UnitDispatched(
                 call.call_id, unit.index, unit.text, unit.field, self._decoding, unit.depends_on
@@ -296,7 +321,7 @@ class Run:
     def _ensure_stream(self) -> ExecuteStream:
         if self._stream is None:
             self._stream = self._gateway.stream(
-                self.spec.run_id, self.spec.timeout, self._on_gateway, self._on_gateway_failure
+                self.spec.run_id, self._remaining(), self._on_gateway, self._on_gateway_failure
             )
         return self._stream
 
@@ -332,6 +357,13 @@ class Run:
             outcome = CallOutcome(call.call_id, False, error_code="SANDBOX", error_message=message)
             self._emit(outcome)
             call.outcome.set_result(outcome)
+
+
+def _verdict_message(call: _Call, verdict: AbortVerdict) -> Message:
+    where = f" (argument {verdict.field!r})" if verdict.field else ""
+    content = f"aborted{where}: {verdict.reason}. Correct the call and try again."
+    name = call.tool.name if call.tool else ""
+    return Message("tool", content, name=name, tool_call_id=call.call_id)
 
 
 def _tool_message(call: _Call, outcome: CallOutcome | ParseError) -> Message:

@@ -78,6 +78,7 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
             partial=request.mode != conveyor_pb2.EXECUTION_MODE_SEQUENTIAL,
             sampling=sampling_from_pb(request.sampling),
             max_rounds=request.max_rounds or self.config.max_rounds,
+            abort_retries=request.abort_retries,
             forced_completions=tuple(request.forced_completions),
             envelopes=frozenset(envelopes) or default_envelopes(tools),
             timeout=remaining if remaining is not None else self.config.run_timeout,
