@@ -40,6 +40,8 @@ from scheduler.parsers import (
     check_unit,
     parser_for,
 )
+from scheduler.plans import JOIN, PLAN_TOOL, PlanScanner, arguments_for, bind
+from scheduler.plans import summary as plan_summary
 from scheduler.timing import TimingRecorder
 from scheduler.tools import ToolInfo, fence_tools
 from scheduler.worker_client import WorkerClient, WorkerDone
@@ -73,6 +75,11 @@ class _Call:
     units_sent: int = 0
     outcome: asyncio.Future | None = None  # CallOutcome | ParseError
     failed: bool = False  # its text could not be parsed
+    step_of: str = ""  # a plan step's call: the plan call's id
+    # A plan call: each step's (ok, output), as the step ends, and its call text.
+    steps: dict[int, asyncio.Future] = field(default_factory=dict)
+    step_texts: dict[int, str] = field(default_factory=dict)
+    tool_steps: int = 0  # steps other than join(): a plan without any is a final answer
 
 
 class Run:
@@ -91,6 +98,7 @@ class Run:
         self._generation_id = ""
         self._gateway_down = ""  # why the gateway stream failed, once it has
         self._current: _Call | None = None
+        self._tasks: set[asyncio.Task] = set()  # plan steps in flight
         # Every downstream call gets what is left of the run's own deadline.
         self._deadline = time.monotonic() + spec.timeout
 
@@ -108,6 +116,8 @@ class Run:
                     return
         finally:
             main.cancel()
+            for task in self._tasks:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await main
             if self._stream is not None:
@@ -160,10 +170,18 @@ class Run:
         for round_no in range(self.spec.max_rounds):
             self._emit(RoundStarted(round_no))
             text, done = await self._generate(round_no, messages)
-            calls = [c for c in self._calls.values() if c.round == round_no]
+            calls = [
+                c
+                for c in self._calls.values()
+                if c.round == round_no
+                and not c.step_of
+                and not (c.tool is PLAN_TOOL and not c.tool_steps and not c.failed)
+            ]
             if self._abort is not None:
                 verdict = self._abort
-                for call in calls:
+                for call in self._calls.values():  # plan steps included
+                    if call.round != round_no or call.tool in (None, PLAN_TOOL):
+                        continue
                     if not call.outcome.done() and self._stream is not None:
                         self._stream.cancel_call(call.call_id, "the run was aborted")
                 if retries <= 0:
@@ -189,8 +207,14 @@ class Run:
     async def _generate(self, round_no: int, messages: list[Message]) -> tuple[str, WorkerDone]:
         forced = self.spec.forced_completions
         self._generation_id = f"{self.spec.run_id}-r{round_no}"
-        scanner = EnvelopeScanner(
-            self._fences, tags="tag" in self.spec.envelopes, fences="fence" in self.spec.envelopes
+        scanner = (
+            PlanScanner()
+            if "plan" in self.spec.envelopes
+            else EnvelopeScanner(
+                self._fences,
+                tags="tag" in self.spec.envelopes,
+                fences="fence" in self.spec.envelopes,
+            )
         )
         parts: list[str] = []
         done: WorkerDone | None = None
@@ -234,7 +258,10 @@ class Run:
             call.outcome = asyncio.get_running_loop().create_future()
             self._calls[call.call_id] = call
             self._current = call
-            if event.tool:  # a fence names its tool up front
+            if event.envelope == "plan":
+                self._start_call(call, PLAN_TOOL)
+                call.parser = parser_for(PLAN_TOOL.partial_mode)
+            elif event.tool:  # a fence names its tool up front
                 tool = self.spec.tools[event.tool]
                 self._start_call(call, tool)
                 call.parser = parser_for(tool.partial_mode)
@@ -270,6 +297,8 @@ class Run:
     def _start_call(self, call: _Call, tool: ToolInfo) -> None:
         call.tool = tool
         self._emit(ToolCallStarted(call.call_id, tool.name, call.round, tool.partial_mode))
+        if tool is PLAN_TOOL:
+            return  # its steps are the calls
         self._ensure_stream().open(call.call_id, tool.name, session_key=self.spec.run_id)
         if self._gateway_down:
             self._fail_call(call, self._gateway_down)
@@ -280,7 +309,7 @@ class Run:
         call.failed = True
         error = ParseError(call.call_id, message)
         self._emit(error)
-        if call.tool is not None and self._stream is not None:
+        if call.tool not in (None, PLAN_TOOL) and self._stream is not None:
             self._stream.cancel_call(call.call_id, f"parse error: {message}")
         if not call.outcome.done():
             call.outcome.set_result(error)
@@ -303,18 +332,108 @@ class Run:
                 call.call_id, unit.index, unit.text, unit.field, self._decoding, unit.depends_on
             )
         )
-        self._ensure_stream().unit(call.call_id, unit)
         call.units_sent += 1
+        if call.tool is PLAN_TOOL:
+            self._start_step(call, unit)
+        else:
+            self._ensure_stream().unit(call.call_id, unit)
 
     def _close_call(self, call: _Call) -> None:
         for unit, completed_at in call.held:
             self._dispatch(call, unit, completed_at)
         call.held.clear()
+        if call.tool is PLAN_TOOL:
+            self._spawn(self._finish_plan(call))
+            return
         parser = call.parser
         full_text = (
             parser.arguments_text if isinstance(parser, ToolCallTagParser) else "".join(call.text)
         )
         self._ensure_stream().close_call(call.call_id, full_text, call.units_sent)
+
+    # ---- plans -----------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_step(self, plan: _Call, unit: ParsedUnit) -> None:
+        n = int(unit.field)
+        plan.steps[n] = asyncio.get_running_loop().create_future()
+        plan.step_texts[n] = unit.text
+        if not unit.text.lstrip().startswith(JOIN + "("):
+            plan.tool_steps += 1
+        self._spawn(self._run_step(plan, n, unit))
+
+    async def _run_step(self, plan: _Call, n: int, unit: ParsedUnit) -> None:
+        """Waits for the steps this one names, then runs it as a call of its tool."""
+        result = plan.steps[n]
+        try:
+            inputs = {}
+            for d in unit.depends_on:
+                dep = plan.steps.get(d)
+                if dep is None:
+                    raise ParseFailure(f"step ${n} uses ${d}, which the plan has not defined")
+                ok, output = await dep
+                if not ok:
+                    raise ParseFailure(f"step ${n} needs ${d}, which failed")
+                inputs[d] = output
+            step = bind(unit.text, inputs)
+            if step.tool == JOIN:
+                result.set_result((True, ""))
+                return
+            tool = self.spec.tools.get(step.tool)
+            if tool is None:
+                known = ", ".join(sorted(self.spec.tools)) or "none"
+                raise ParseFailure(f"step ${n}: unknown tool {step.tool!r}; available: {known}")
+            result.set_result(await self._step_call(plan, n, tool, arguments_for(tool, step)))
+        except ParseFailure as e:
+            result.set_result((False, str(e)))
+
+    async def _step_call(
+        self, plan: _Call, n: int, tool: ToolInfo, arguments: str
+    ) -> tuple[bool, str]:
+        call = _Call(f"{plan.call_id}.{n}", plan.round, plan.envelope, step_of=plan.call_id)
+        call.outcome = asyncio.get_running_loop().create_future()
+        self._calls[call.call_id] = call
+        self._start_call(call, tool)
+        parser = arguments_parser_for(tool.partial_mode, tool.command_field)
+        call.parser, call.text = parser, [arguments]
+        try:
+            units = parser.feed(arguments) + parser.finish()
+            for unit in units:
+                check_unit(tool.partial_mode, unit.text)
+        except ParseFailure as e:
+            self._parse_failed(call, str(e))
+        else:
+            for unit in units:
+                self._dispatch(call, unit, time.perf_counter())
+            self._close_call(call)
+        outcome = await call.outcome
+        if isinstance(outcome, ParseError):
+            return False, f"error: {outcome.message}"
+        if outcome.error_code:
+            return False, f"error ({outcome.error_code}): {outcome.error_message}"
+        return outcome.ok, outcome.output
+
+    async def _finish_plan(self, plan: _Call) -> None:
+        """The plan is complete and its steps dispatched: its outcome, once
+        every step has ended, is what the model reads back."""
+        results = [await plan.steps[n] for n in sorted(plan.steps)]
+        outputs = {
+            n: (plan.step_texts[n], output)
+            for n, (_, output) in zip(sorted(plan.steps), results, strict=True)
+        }
+        outcome = CallOutcome(
+            plan.call_id,
+            all(ok for ok, _ in results),
+            output=plan_summary(outputs),
+            units_executed=len(results),
+        )
+        self._emit(outcome)
+        if not plan.outcome.done():
+            plan.outcome.set_result(outcome)
 
     # ---- gateway ---------------------------------------------------------
 

@@ -69,8 +69,8 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
         names = list(request.tool_names) or list(hosted)
         tools = {n: hosted[n] for n in names}
         envelopes = {_ENVELOPES[e] for e in request.envelopes if e in _ENVELOPES}
-        if "plan" in envelopes:
-            raise BadRequest("the plan envelope is not supported yet")
+        if "plan" in envelopes and len(envelopes) > 1:
+            raise BadRequest("the plan envelope reads the whole output as a plan: use it alone")
         return RunSpec(
             run_id=run_id,
             messages=[message_from_pb(m) for m in request.messages],

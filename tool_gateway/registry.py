@@ -8,6 +8,7 @@ from tool_gateway.config import GatewayConfig
 from tool_gateway.plugins import entry_point_tools, file_tools
 from tool_gateway.tools.base import Tool, ToolSpec
 from tool_gateway.tools.python_tool import PythonTool
+from tool_gateway.tools.search_tool import SearchTool
 
 
 class ToolRegistry:
@@ -33,7 +34,10 @@ async def build_registry(config: GatewayConfig) -> ToolRegistry:
     Raises SandboxUnavailable when code cannot be sandboxed and
     --allow-unsandboxed was not given, PluginError when a tool from outside
     cannot be loaded, ValueError when two tools share a name."""
-    tools: list[Tool] = [await PythonTool.from_config(config)]
+    tools: list[Tool] = [
+        await PythonTool.from_config(config),
+        await SearchTool.from_config(config),
+    ]
     tools += await entry_point_tools(config)
     if config.tools_file:
         tools += file_tools(config.tools_file)
