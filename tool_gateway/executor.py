@@ -262,8 +262,8 @@ class StreamExecutor:
     # ---- sessions -------------------------------------------------------
 
     async def _session_for(self, call: _Call) -> ToolSession:
-        if not call.open.session_key:
-            session = await call.tool.open_session("")
+        if not call.open.session_key or call.tool.session_per_call:
+            session = await call.tool.open_session(call.open.session_key)
             self._sessions.add(session)
             return session
         key = (call.tool.spec.name, call.open.session_key)
@@ -285,7 +285,7 @@ class StreamExecutor:
 
     async def _release(self, call: _Call, session: ToolSession) -> None:
         """Closes a call's own session, and a shared one that died."""
-        if call.open.session_key and session.alive:
+        if call.open.session_key and not call.tool.session_per_call and session.alive:
             return
         self._sessions.discard(session)
         await session.close()

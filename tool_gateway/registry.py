@@ -7,8 +7,11 @@ from collections.abc import Iterable
 from tool_gateway.config import GatewayConfig
 from tool_gateway.plugins import entry_point_tools, file_tools
 from tool_gateway.tools.base import Tool, ToolSpec
+from tool_gateway.tools.calculator_tool import CalculatorTool
+from tool_gateway.tools.database_tool import DatabaseTool
 from tool_gateway.tools.python_tool import PythonTool
 from tool_gateway.tools.search_tool import SearchTool
+from tool_gateway.tools.validate_tool import book_flight_tool
 
 
 class ToolRegistry:
@@ -37,6 +40,9 @@ async def build_registry(config: GatewayConfig) -> ToolRegistry:
     tools: list[Tool] = [
         await PythonTool.from_config(config),
         await SearchTool.from_config(config),
+        await DatabaseTool.from_config(config),
+        book_flight_tool(),
+        CalculatorTool(),
     ]
     tools += await entry_point_tools(config)
     if config.tools_file:

@@ -125,6 +125,9 @@ class ToolSession(ABC):
 
 class Tool(ABC):
     spec: ToolSpec
+    # True: every call gets a session of its own, even calls that share a
+    # session key (a tool whose session state belongs to one call).
+    session_per_call: bool = False
 
     @abstractmethod
     async def open_session(self, session_key: str) -> ToolSession:
