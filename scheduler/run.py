@@ -246,8 +246,9 @@ class Run:
         finally:
             self._decoding = False
             self._timing.decoded(start, time.perf_counter())
-        for event in scanner.finish():
-            self._on_scan(round_no, event)
+        if self._abort is None:  # an aborted call was cut on purpose: no parse error
+            for event in scanner.finish():
+                self._on_scan(round_no, event)
         return "".join(parts), done or WorkerDone(FinishReason.ABORTED, 0, 0.0, 0.0)
 
     # ---- calls -----------------------------------------------------------

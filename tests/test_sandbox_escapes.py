@@ -28,7 +28,10 @@ MAX_PROCESSES = 32
 @pytest.fixture(scope="module")
 async def stub():
     config = GatewayConfig(
-        unit_timeout=UNIT_TIMEOUT, output_cap=OUTPUT_CAP, max_processes=MAX_PROCESSES
+        unit_timeout=UNIT_TIMEOUT,
+        output_cap=OUTPUT_CAP,
+        max_processes=MAX_PROCESSES,
+        memory_mb=512,  # a hog reaches it fast, even on a busy machine
     )
     server, port = await create_server(config, "127.0.0.1", 0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -91,6 +94,7 @@ async def test_a_memory_hog_gets_a_memory_error(stub):
     events = await stream.run(
         "hog", "chunks = []", "while True: chunks.append(bytearray(64 << 20))"
     )
+    assert last(events).WhichOneof("event") == "call_result", last(events)
     hog = results(events)[1]
     assert not hog.ok and "MemoryError" in hog.exception
     await stream.end()
