@@ -56,18 +56,19 @@ def _say(text: str) -> None:
     print(f"[stack] {text}", flush=True)
 
 
-def start() -> dict[str, int]:
-    for service in SERVICES:
+def start(services: tuple[Service, ...] = SERVICES, state_dir: Path = STATE_DIR) -> dict[str, int]:
+    """Starts the services as separate processes, logging to state_dir."""
+    for service in services:
         if check(service.port, timeout=0.5).status != "UNAVAILABLE":
             sys.exit(
                 f"port {service.port} ({service.name}) is already in use: "
                 "run `make down`, or stop what holds it"
             )
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LOG_FORMAT": os.environ.get("LOG_FORMAT", "console")}
     pids = {}
-    for service in SERVICES:
-        log = open(STATE_DIR / f"{service.name}.log", "w")
+    for service in services:
+        log = open(state_dir / f"{service.name}.log", "w")
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -86,25 +87,30 @@ def start() -> dict[str, int]:
         )
         pids[service.name] = process.pid
         _say(f"started {service.name} (pid {process.pid}, port {service.port})")
-    PIDS.write_text(json.dumps(pids))
+    (state_dir / PIDS.name).write_text(json.dumps(pids))
     return pids
 
 
-def wait_healthy(pids: dict[str, int], timeout: float = 600.0) -> None:
+def wait_healthy(
+    pids: dict[str, int],
+    timeout: float = 600.0,
+    services: tuple[Service, ...] = SERVICES,
+    state_dir: Path = STATE_DIR,
+) -> None:
     deadline = time.monotonic() + timeout
-    waiting = {s.name: s for s in SERVICES}
+    waiting = {s.name: s for s in services}
     last_note = 0.0
     while waiting:
         for name, service in list(waiting.items()):
             if not _alive(pids[name]):
-                tail = (STATE_DIR / f"{name}.log").read_text()[-2000:]
-                stop(pids)
+                tail = (state_dir / f"{name}.log").read_text()[-2000:]
+                stop(pids, state_dir=state_dir)
                 sys.exit(f"{name} exited during start-up; its log ends with:\n{tail}")
             if check(service.port, timeout=1.0).serving:
                 _say(f"{name} is serving")
                 del waiting[name]
         if time.monotonic() > deadline:
-            stop(pids)
+            stop(pids, state_dir=state_dir)
             sys.exit(f"timed out waiting for {', '.join(waiting)}")
         if waiting and time.monotonic() - last_note > 10:
             note = (
@@ -129,7 +135,7 @@ def _alive(pid: int) -> bool:
             return False
 
 
-def stop(pids: dict[str, int], grace: float = 10.0) -> None:
+def stop(pids: dict[str, int], grace: float = 10.0, state_dir: Path = STATE_DIR) -> None:
     for name, pid in reversed(list(pids.items())):
         try:
             os.kill(pid, signal.SIGTERM)
@@ -141,7 +147,7 @@ def stop(pids: dict[str, int], grace: float = 10.0) -> None:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
         _say(f"stopped {name}")
-    PIDS.unlink(missing_ok=True)
+    (state_dir / PIDS.name).unlink(missing_ok=True)
 
 
 def main() -> None:

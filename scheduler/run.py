@@ -295,12 +295,15 @@ class Run:
         self._start_call(call, tool)
         return arguments_parser_for(tool.partial_mode, tool.command_field)
 
-    def _start_call(self, call: _Call, tool: ToolInfo) -> None:
+    def _start_call(self, call: _Call, tool: ToolInfo, session_key: str | None = None) -> None:
+        """Opens the call on the gateway; calls share the run's sessions
+        unless given a key ("" for a session of the call's own)."""
         call.tool = tool
         self._emit(ToolCallStarted(call.call_id, tool.name, call.round, tool.partial_mode))
         if tool is PLAN_TOOL:
             return  # its steps are the calls
-        self._ensure_stream().open(call.call_id, tool.name, session_key=self.spec.run_id)
+        key = self.spec.run_id if session_key is None else session_key
+        self._ensure_stream().open(call.call_id, tool.name, session_key=key)
         if self._gateway_down:
             self._fail_call(call, self._gateway_down)
 
@@ -398,7 +401,9 @@ class Run:
         call = _Call(f"{plan.call_id}.{n}", plan.round, plan.envelope, step_of=plan.call_id)
         call.outcome = asyncio.get_running_loop().create_future()
         self._calls[call.call_id] = call
-        self._start_call(call, tool)
+        # A session of its own: independent steps of one tool run in parallel
+        # (a shared interpreter would run them one after another).
+        self._start_call(call, tool, session_key="")
         parser = arguments_parser_for(tool.partial_mode, tool.command_field)
         call.parser, call.text = parser, [arguments]
         try:
