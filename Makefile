@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/conveyor/v1/*.proto)
 PROTO_STAMP := $(GEN)/.stamp
 export PYTHONPATH := $(CURDIR)/$(GEN):$(CURDIR)
 
-.PHONY: all install proto run up down test lint clean bench-parsers bench-worker fuzz
+.PHONY: all install proto run up down test lint clean bench bench-parsers bench-worker fuzz
 
 all: install proto
 
@@ -52,6 +52,12 @@ down:
 
 test: proto
 	$(PY) -m pytest -q
+
+# The paper's six workloads, partial vs sequential, side by side through the
+# three services; writes bench/results/e2e.{md,json,png}. BENCH_ARGS=--quick
+# runs one request per workload.
+bench: proto
+	$(PY) -m bench.e2e $(BENCH_ARGS)
 
 # Microseconds per delta of every parser, against re-parsing the prefix
 # (partial-json-parser, jiter); writes bench/results/parsers.{md,json}.
