@@ -68,6 +68,10 @@ class Printer:
                 f"{r.unit_result.call_id} unit {res.index} {status} "
                 f"({res.duration_seconds * 1000:.0f} ms){': ' + out[:80] if out else ''}"
             )
+        elif kind == "unit_progress":
+            p = r.unit_progress
+            text = p.progress.stdout.strip().replace("\n", " | ")
+            self._note(f"{p.call_id} unit {p.progress.index} running: {text[:80]}")
         elif kind == "tool_call_finished":
             f = r.tool_call_finished
             if f.WhichOneof("outcome") == "error":

@@ -51,6 +51,15 @@ class UnitResult:
 
 
 @dataclass(frozen=True)
+class UnitProgress:
+    """Output of a unit still running (its UnitResult repeats it)."""
+
+    call_id: str
+    index: int
+    stdout: str
+
+
+@dataclass(frozen=True)
 class CallOutcome:
     """A call's end: a result (ok or not), or an error (error_code set)."""
 
@@ -104,6 +113,7 @@ RunEvent = (
     | ToolCallStarted
     | UnitDispatched
     | UnitResult
+    | UnitProgress
     | CallOutcome
     | ParseError
     | AbortVerdict

@@ -10,7 +10,7 @@ import grpc
 from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 
 from conveyor_common.clients import channel, outgoing_metadata
-from scheduler.events import AbortVerdict, CallOutcome, UnitResult
+from scheduler.events import AbortVerdict, CallOutcome, UnitProgress, UnitResult
 from scheduler.parsers import ParsedUnit
 from scheduler.tools import ToolInfo
 
@@ -39,7 +39,7 @@ def tool_from_pb(spec: common_pb2.ToolSpec) -> ToolInfo:
 
 # Events the stream hands to the run: a unit started (call_id, index), a unit
 # result, a call outcome, an abort verdict; or the stream's failure.
-GatewayEvent = tuple[str, int] | UnitResult | CallOutcome | AbortVerdict
+GatewayEvent = tuple[str, int] | UnitResult | UnitProgress | CallOutcome | AbortVerdict
 
 
 class GatewayClient:
@@ -159,6 +159,8 @@ def _event_from_pb(response: tool_gateway_pb2.ExecuteResponse) -> GatewayEvent:
             r.duration_seconds,
             r.truncated,
         )
+    if kind == "unit_progress":
+        return UnitProgress(call_id, response.unit_progress.index, response.unit_progress.stdout)
     if kind == "call_result":
         r = response.call_result
         return CallOutcome(call_id, r.ok, r.output, r.units_executed, r.tool_seconds)

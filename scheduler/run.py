@@ -28,6 +28,7 @@ from scheduler.events import (
     TokenDelta,
     ToolCallStarted,
     UnitDispatched,
+    UnitProgress,
     UnitResult,
 )
 from scheduler.gateway_client import ExecuteStream, GatewayClient, GatewayEvent
@@ -458,6 +459,8 @@ class Run:
             return
         if isinstance(event, UnitResult):
             self._timing.tool_ran(time.perf_counter(), event.duration_seconds)
+            self._emit(event)
+        elif isinstance(event, UnitProgress):
             self._emit(event)
         elif isinstance(event, CallOutcome):
             self._emit(event)

@@ -115,6 +115,11 @@ def event_to_pb(event: ev.RunEvent, run_id: str, sequence: int) -> conveyor_pb2.
                 during_decode=event.during_decode,
             )
         )
+    elif isinstance(event, ev.UnitProgress):
+        r.unit_progress.call_id = event.call_id
+        r.unit_progress.progress.CopyFrom(
+            tool_gateway_pb2.UnitProgress(index=event.index, stdout=event.stdout)
+        )
     elif isinstance(event, ev.UnitResult):
         r.unit_result.call_id = event.call_id
         r.unit_result.result.CopyFrom(

@@ -92,7 +92,9 @@ async def gateway():
     from tool_gateway.config import GatewayConfig
     from tool_gateway.server import create_server
 
-    server, port = await create_server(GatewayConfig(unit_timeout=20.0), "127.0.0.1", 0)
+    tools_file = str(Path(__file__).with_name("tools.yaml"))
+    config = GatewayConfig(unit_timeout=20.0, tools_file=tools_file)
+    server, port = await create_server(config, "127.0.0.1", 0)
     yield f"127.0.0.1:{port}"
     await stop_server(server, 0)
 

@@ -339,3 +339,19 @@ async def test_without_bubblewrap_the_tool_refuses_unless_allowed(monkeypatch):
         assert outcome.value == "(256, 256)"  # RLIMIT_NOFILE: the limits still apply
     finally:
         await session.close()
+
+
+async def test_a_long_unit_streams_its_output_while_it_runs(stub):
+    stream = Stream(stub)
+    events = await stream.run(
+        "p", "import time\nfor i in range(3):\n    print('step', i)\n    time.sleep(0.35)\n"
+    )
+    kinds = [e.WhichOneof("event") for e in events]
+    progress = [e.unit_progress for e in events if e.WhichOneof("event") == "unit_progress"]
+    assert len(progress) >= 2, kinds  # it printed three times over ~1 s
+    assert kinds.index("unit_progress") < kinds.index("unit_result")
+    streamed = "".join(p.stdout for p in progress if p.index == 0)
+    (loop,) = results(events)
+    assert loop.stdout == "step 0\nstep 1\nstep 2\n"
+    assert loop.stdout.startswith(streamed) and "step 0" in streamed
+    await stream.end()

@@ -41,6 +41,7 @@ CALLS = {
     ),
     "LINES (calculator)": tag("calculator", {"expression": "2**10\nsqrt(2) * 3\n1/0\n7 // 2"}),
     "PYTHON_STATEMENTS (python)": tag("python", {"code": "x = 21\nprint(x * 2)\nx + 1"}),
+    "WHOLE (shout, from tests/tools.yaml)": tag("shout", {"text": "all at once"}),
 }
 
 
@@ -73,7 +74,8 @@ async def test_both_modes_give_the_same_results_for_every_partial_mode(stub, mod
     # sends them together; partial mode sends the first one while the model
     # is still writing the call (tokens arrive between the dispatches).
     assert _tokens_between_dispatches(runs[SEQUENTIAL]) == 0
-    assert _tokens_between_dispatches(runs[PARTIAL]) > 0
+    if not mode_name.startswith("WHOLE"):  # a whole call is one unit, sent at its end
+        assert _tokens_between_dispatches(runs[PARTIAL]) > 0
 
 
 def _tokens_between_dispatches(events) -> int:
@@ -162,3 +164,17 @@ async def test_32_concurrent_runs_with_mixed_tools_each_get_their_own_results(st
         assert sequences == list(range(len(events)))  # every event once, in order
         outputs = list(call_outputs(events).values())
         assert len(outputs) == 1 and expect in outputs[0], (i, outputs)
+
+
+async def test_a_running_units_output_reaches_the_client_before_its_result(stub):  # noqa: F811
+    code = "import time\nfor i in range(3):\n    print('tick', i)\n    time.sleep(0.3)\n"
+    events = await collect(stub, run_request([tag("python", {"code": code}), "ok"], PARTIAL))
+    progress = [e.unit_progress for e in events if kinds([e]) == ["unit_progress"]]
+    assert progress and progress[0].progress.stdout.startswith("tick 0")
+    first_progress = kinds(events).index("unit_progress")
+    loop_result = next(
+        i
+        for i, e in enumerate(events)
+        if kinds([e]) == ["unit_result"] and "tick 2" in e.unit_result.result.stdout
+    )
+    assert first_progress < loop_result

@@ -23,7 +23,7 @@ from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 from conveyor_common.server import stop_server
 from scheduler.parsers import arguments_parser_for
 from tests.test_gateway import Stream, last, results
-from tool_gateway import sample_db
+from tool_gateway import built_files, sample_db
 from tool_gateway.config import GatewayConfig
 from tool_gateway.registry import ToolRegistry
 from tool_gateway.server import create_server
@@ -135,7 +135,7 @@ def file_fingerprint(path: Path) -> tuple:
 
 def test_sample_database_has_the_tables_and_plausible_counts(sample_path):
     assert sample_path.is_file() and sample_path.suffix == ".sqlite"
-    assert sample_path.parent == sample_db.cache_dir() / "database"
+    assert sample_path.parent == built_files.cache_dir() / "database"
     version = ".".join(map(str, sys.version_info[:3]))
     assert sample_path.name.startswith(f"sample-{version}-")
     assert not stat.S_IMODE(sample_path.stat().st_mode) & 0o222  # nobody may write it

@@ -27,25 +27,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import hashlib
 import importlib
 import inspect
 import json
 import os
 import pkgutil
 import sqlite3
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tool_gateway import built_files
+from tool_gateway.built_files import BuildError, ensure_built, versioned_path
+
 SCHEMA_VERSION = 1
-BUILD_TIMEOUT_S = 300.0
-STDERR_TAIL_CHARS = 2000
 
 # Modules not imported: they act on import (print, open a browser, start a
 # GUI), are test suites, or are not documentation anyone searches for.
@@ -83,26 +80,14 @@ CREATE VIRTUAL TABLE docs USING fts5(
 """
 
 
-class CorpusError(RuntimeError):
-    """The index could not be built."""
-
+CorpusError = BuildError  # the index could not be built
 
 # ---- where the index lives -------------------------------------------------
 
 
-def cache_dir() -> Path:
-    configured = os.environ.get("CONVEYOR_CACHE_DIR", "")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "conveyor"
-
-
 def index_path(root: str | os.PathLike | None = None) -> Path:
     """Where this interpreter's index is (or will be)."""
-    digest = hashlib.sha256()
-    digest.update(Path(__file__).read_bytes())
-    digest.update(f"{SCHEMA_VERSION}|{sys.version}|{sys.platform}|{sys.base_prefix}".encode())
-    version = ".".join(map(str, sys.version_info[:3]))
-    folder = Path(root) if root is not None else cache_dir()
-    return folder / "search" / f"corpus-{version}-{digest.hexdigest()[:12]}.sqlite"
+    return versioned_path(__file__, "search", "corpus", f"{SCHEMA_VERSION}", root)
 
 
 def ensure_index(
@@ -113,45 +98,12 @@ def ensure_index(
     """The index's path, building it first if it is missing. Blocking (call
     it in a thread from async code). `build(tmp)` fills a temporary file;
     the default runs the builder in a child process."""
-    path = index_path(root)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".build.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if path.exists():  # another process built it while we waited
-            return path
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".corpus-", suffix=".tmp")
-        os.close(fd)
-        try:
-            (build or build_in_child)(Path(tmp))
-            os.chmod(tmp, 0o644)  # mkstemp made it private; other gateways read it
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    return path
+    return ensure_built(index_path(root), build or build_in_child)
 
 
 def build_in_child(out: Path) -> None:
     """Runs this file's builder in an isolated child interpreter."""
-    command = [sys.executable, "-I", "-W", "ignore", str(Path(__file__).resolve())]
-    try:
-        done = subprocess.run(
-            [*command, "--build-into", str(out)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=BUILD_TIMEOUT_S,
-            cwd=out.parent,
-        )
-    except subprocess.TimeoutExpired:
-        raise CorpusError(f"building the search index took over {BUILD_TIMEOUT_S:g} s") from None
-    if done.returncode != 0:
-        tail = done.stderr.strip()[-STDERR_TAIL_CHARS:]
-        raise CorpusError(f"building the search index failed (exit {done.returncode}):\n{tail}")
+    built_files.build_in_child(__file__, out, "the search index")
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, str]:

@@ -10,6 +10,7 @@ CallFailed, and `shutdown` leaves no tool process behind.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from tool_gateway.messages import (
     Request,
     RunUnit,
     UnitFinished,
+    UnitProgress,
     UnitStarted,
 )
 from tool_gateway.metrics import CALLS, TOOL_SECONDS, UNITS
@@ -196,6 +198,7 @@ class StreamExecutor:
                     "(a unit was lost or sent twice)",
                 )
             self._events.put_nowait(UnitStarted(call.call_id, item.index))
+            session.progress_sink = functools.partial(self._progress, call.call_id)
             outcome = await session.run_unit(item)
             outcomes.append(outcome)
             UNITS.labels(tool, "ok" if outcome.ok else "exception").inc()
@@ -216,6 +219,10 @@ class StreamExecutor:
             units_executed=len(outcomes),
             tool_seconds=sum(o.duration_seconds for o in outcomes),
         )
+
+    def _progress(self, call_id: str, index: int, stdout: str) -> None:
+        if call_id in self._calls:  # not after the call's last event
+            self._events.put_nowait(UnitProgress(call_id, index, stdout))
 
     def _aborted(
         self, call: _Call, outcome: UnitOutcome, outcomes: list[UnitOutcome]

@@ -73,6 +73,13 @@ class CallFailed:
 
 
 @dataclass(frozen=True)
+class UnitProgress:
+    call_id: str
+    index: int
+    stdout: str
+
+
+@dataclass(frozen=True)
 class Aborted:
     """A unit's verdict that the request is doomed; the call ends next."""
 
@@ -82,4 +89,4 @@ class Aborted:
     field: str = ""
 
 
-Event = UnitStarted | UnitFinished | Aborted | CallFinished | CallFailed
+Event = UnitStarted | UnitProgress | UnitFinished | Aborted | CallFinished | CallFailed

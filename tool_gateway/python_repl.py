@@ -3,7 +3,9 @@ script: `python -I python_repl.py OUTPUT_CAP`).
 
 Protocol: each message is a 4-byte big-endian length and that many bytes of
 UTF-8 JSON. The gateway writes requests {"index", "code"} to our stdin; we
-write {"ready": true} once, then one reply per request to our stdout. Before
+write {"ready": true} once, then one reply per request to our stdout, and
+before it, while the unit runs, {"progress": text} with what it printed since
+the last one (at most every PROGRESS_INTERVAL_S). Before
 any user code runs, both pipes move to private high fds and fds 0 and 1 point
 at /dev/null, so nothing the user does with print, sys.stdout, os.write(1) or a
 child process can corrupt the protocol.
@@ -13,27 +15,72 @@ from __future__ import annotations
 
 import ast
 import builtins
+import codecs
 import fcntl
 import io
 import json
 import linecache
 import os
 import sys
+import threading
 import time
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
 
 # Above the fds user code usually touches, below RLIMIT_NOFILE (256).
 _PRIVATE_FD_MIN = 200
+PROGRESS_INTERVAL_S = 0.2
+
+
+class _Progress:
+    """Streams what a running unit prints: collects it, and a flusher thread
+    sends it every PROGRESS_INTERVAL_S, so a print is seen while the unit
+    goes on, and a tight print loop costs a frame per interval, not per line."""
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending: list[str] = []
+        self._sent = 0  # bytes passed on, up to the output cap
+        self._cap = 0
+        self._wake = threading.Condition()
+        threading.Thread(target=self._flusher, daemon=True).start()
+
+    def start(self, cap: int) -> None:
+        with self._wake:
+            self._pending, self._sent, self._cap = [], 0, cap
+
+    def add(self, data: bytes) -> None:
+        with self._wake:
+            room = self._cap - self._sent
+            if room > 0:
+                chunk = data[:room]
+                self._sent += len(chunk)
+                self._pending.append(self._decoder.decode(chunk))
+
+    def stop(self) -> None:
+        """The unit ended: its result carries everything; drop the rest."""
+        with self._wake:
+            self._pending, self._cap = [], 0
+            self._decoder.reset()
+
+    def _flusher(self) -> None:
+        while True:
+            time.sleep(PROGRESS_INTERVAL_S)
+            with self._wake:
+                text, self._pending = "".join(self._pending), []
+                if text:
+                    self._send({"progress": _clean(text)})
 
 
 class _CappedSink(io.RawIOBase):
     """Keeps the first `cap` bytes written and counts the rest away."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, progress: _Progress | None = None):
         self.cap = cap
         self.data = bytearray()
         self.truncated = False
+        self.progress = progress
 
     def writable(self) -> bool:
         return True
@@ -44,6 +91,8 @@ class _CappedSink(io.RawIOBase):
             self.truncated = True
         if room > 0:
             self.data += bytes(memoryview(b)[:room])
+        if self.progress is not None:
+            self.progress.add(bytes(b))
         return len(b)
 
 
@@ -51,13 +100,14 @@ class _Capture:
     """A text stream for sys.stdout/sys.stderr with a byte cap. It has a
     .buffer (some code writes bytes) and never fails on odd characters."""
 
-    def __init__(self, cap: int):
-        self.sink = _CappedSink(cap)
+    def __init__(self, cap: int, progress: _Progress | None = None):
+        self.sink = _CappedSink(cap, progress)
         self.stream = io.TextIOWrapper(
             io.BufferedWriter(self.sink),
             encoding="utf-8",
             errors="backslashreplace",  # lone surrogates become \udcff, not an error
             write_through=True,
+            line_buffering=True,  # each line reaches the sink (and progress) at once
         )
 
     def text(self) -> str:
@@ -93,17 +143,20 @@ def _format_exception(exc: BaseException) -> str:
 
 
 class Interpreter:
-    def __init__(self, output_cap: int):
+    def __init__(self, output_cap: int, progress: _Progress | None = None):
         self.cap = output_cap
         self.namespace: dict = {"__name__": "__main__", "__builtins__": builtins}
         self.serial = 0
+        self.progress = progress
 
     def run(self, index: int, code: str) -> dict:
         self.serial += 1
         filename = f"{_UNIT_PREFIX}{self.serial}>"
         # Tracebacks show the source of every unit, earlier ones included.
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-        out, err = _Capture(self.cap), _Capture(self.cap)
+        out, err = _Capture(self.cap, self.progress), _Capture(self.cap)
+        if self.progress is not None:
+            self.progress.start(self.cap)
         value = exception = ""
         start = time.perf_counter()
         with redirect_stdout(out.stream), redirect_stderr(err.stream):
@@ -119,11 +172,14 @@ class Interpreter:
             except BaseException as e:  # SystemExit and KeyboardInterrupt are user errors too
                 exception = _format_exception(e)
         duration = time.perf_counter() - start
+        stdout = out.text()
+        if self.progress is not None:
+            self.progress.stop()
         value, value_cut = _cap(_clean(value), self.cap)
         return {
             "index": index,
             "ok": not exception,
-            "stdout": out.text(),
+            "stdout": stdout,
             "stderr": err.text(),
             "value": value,
             "exception": _clean(exception),
@@ -155,11 +211,15 @@ def _receive(fd: int) -> dict | None:
     return None if body is None else json.loads(body)
 
 
+_send_lock = threading.Lock()  # the progress flusher sends from its own thread
+
+
 def _send(fd: int, message: dict) -> None:
     body = json.dumps(message).encode("utf-8")
     view = memoryview(len(body).to_bytes(4, "big") + body)
-    while view:
-        view = view[os.write(fd, view) :]
+    with _send_lock:
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def main() -> None:
@@ -172,7 +232,7 @@ def main() -> None:
     sys.stdin = open(os.devnull)  # input() gets EOF, never a protocol byte
     sys.stdout = open(os.devnull, "w")  # output of background threads between units
     sys.path.insert(0, "")  # like the python REPL: modules in the working directory
-    interpreter = Interpreter(output_cap)
+    interpreter = Interpreter(output_cap, _Progress(lambda m: _send(proto_out, m)))
     _send(proto_out, {"ready": True})
     while (request := _receive(proto_in)) is not None:
         _send(proto_out, interpreter.run(request["index"], request["code"]))

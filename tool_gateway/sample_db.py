@@ -32,15 +32,11 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import fcntl
-import hashlib
 import io
 import os
 import sqlite3
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import tokenize
 import unicodedata
@@ -48,9 +44,10 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tool_gateway import built_files
+from tool_gateway.built_files import BuildError, ensure_built, versioned_path
+
 SCHEMA_VERSION = 1
-BUILD_TIMEOUT_S = 300.0
-STDERR_TAIL_CHARS = 2000
 
 # Directories of the stdlib that are not part of the sample: test suites
 # (some hold deliberately broken files) and installed third-party packages.
@@ -136,29 +133,16 @@ CREATE INDEX unicode_chars_category ON unicode_chars(category);
 TABLES = ("modules", "definitions", "imports", "tokens", "unicode_chars")
 
 
-class SampleDbError(RuntimeError):
-    """The sample database could not be built."""
+SampleDbError = BuildError  # the sample database could not be built
 
 
 # ---- where the file lives --------------------------------------------------
 
 
-def cache_dir() -> Path:
-    configured = os.environ.get("CONVEYOR_CACHE_DIR", "")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "conveyor"
-
-
 def sample_db_path(root: str | os.PathLike | None = None) -> Path:
     """Where this interpreter's sample database is (or will be)."""
-    digest = hashlib.sha256()
-    digest.update(Path(__file__).read_bytes())
-    digest.update(
-        f"{SCHEMA_VERSION}|{sys.version}|{sys.platform}|{sys.base_prefix}|"
-        f"{unicodedata.unidata_version}".encode()
-    )
-    version = ".".join(map(str, sys.version_info[:3]))
-    folder = Path(root) if root is not None else cache_dir()
-    return folder / "database" / f"sample-{version}-{digest.hexdigest()[:12]}.sqlite"
+    extra = f"{SCHEMA_VERSION}|{unicodedata.unidata_version}"
+    return versioned_path(__file__, "database", "sample", extra, root)
 
 
 def ensure_sample_db(
@@ -168,51 +152,14 @@ def ensure_sample_db(
 ) -> Path:
     """The sample database's path, building it first if it is missing.
     Blocking (call it in a thread from async code). `build(tmp)` fills a
-    temporary file; the default runs the builder in a child process."""
-    path = sample_db_path(root)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".build.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if path.exists():  # another process built it while we waited
-            return path
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sample-", suffix=".tmp")
-        os.close(fd)
-        try:
-            (build or build_in_child)(Path(tmp))
-            # Read-only for everyone: the tool never writes it, nor should anyone.
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    return path
+    temporary file; the default runs the builder in a child process. The
+    file is read-only for everyone: the tool never writes it, nor should anyone."""
+    return ensure_built(sample_db_path(root), build or build_in_child, mode=0o444)
 
 
 def build_in_child(out: Path) -> None:
     """Runs this file's builder in an isolated child interpreter."""
-    command = [sys.executable, "-I", "-W", "ignore", str(Path(__file__).resolve())]
-    try:
-        done = subprocess.run(
-            [*command, "--build-into", str(out)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=BUILD_TIMEOUT_S,
-            cwd=out.parent,
-        )
-    except subprocess.TimeoutExpired:
-        raise SampleDbError(
-            f"building the sample database took over {BUILD_TIMEOUT_S:g} s"
-        ) from None
-    if done.returncode != 0:
-        tail = done.stderr.strip()[-STDERR_TAIL_CHARS:]
-        raise SampleDbError(
-            f"building the sample database failed (exit {done.returncode}):\n{tail}"
-        )
+    built_files.build_in_child(__file__, out, "the sample database")
 
 
 def read_about(path: str | os.PathLike) -> dict[str, str]:

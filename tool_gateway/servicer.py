@@ -142,6 +142,11 @@ def event_to_pb(event: m.Event) -> tool_gateway_pb2.ExecuteResponse:
                 truncated=o.truncated,
             ),
         )
+    if isinstance(event, m.UnitProgress):
+        return tool_gateway_pb2.ExecuteResponse(
+            call_id=event.call_id,
+            unit_progress=tool_gateway_pb2.UnitProgress(index=event.index, stdout=event.stdout),
+        )
     if isinstance(event, m.Aborted):
         return tool_gateway_pb2.ExecuteResponse(
             call_id=event.call_id,

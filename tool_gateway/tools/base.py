@@ -10,7 +10,7 @@ but not the outcomes of a call: those are handed to `finish`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -97,6 +97,16 @@ class CallOutcome:
 
 class ToolSession(ABC):
     """One live instance of a tool (an interpreter process, say)."""
+
+    # Set by the gateway before each unit: where report() sends output.
+    progress_sink: Callable[[int, str], None] | None = None
+
+    def report(self, index: int, stdout: str) -> None:
+        """Streams output of the running unit `index` to the client at once
+        (a long unit shows progress); the unit's outcome must still carry all
+        of its output."""
+        if self.progress_sink is not None and stdout:
+            self.progress_sink(index, stdout)
 
     @property
     def alive(self) -> bool:

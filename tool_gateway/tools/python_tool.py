@@ -210,7 +210,9 @@ class PythonSession(ToolSession):
         assert self._proc.stdin is not None
         self._proc.stdin.write(len(body).to_bytes(4, "big") + body)
         await self._proc.stdin.drain()
-        return await self._receive()
+        while "progress" in (reply := await self._receive()):
+            self.report(unit.index, reply["progress"])  # output while the unit runs
+        return reply
 
     async def _receive(self) -> dict:
         assert self._proc.stdout is not None
