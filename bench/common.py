@@ -38,6 +38,15 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+def stdlib_docstrings(names: list[str]) -> list[str]:
+    """The docstrings of these stdlib modules, stripped, in this order
+    (empty ones left out): the benchmarks' real text."""
+    import importlib
+
+    docs = ((importlib.import_module(name).__doc__ or "").strip() for name in names)
+    return [doc for doc in docs if doc]
+
+
 def progress(name: str, stream: TextIO = sys.stderr) -> Callable[[str], None]:
     """A `say(msg)` that prints timestamped progress lines for a long run."""
     started = time.perf_counter()

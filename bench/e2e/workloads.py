@@ -11,10 +11,11 @@ templates filled from that data, so no two requests are alike.
 from __future__ import annotations
 
 import collections
-import importlib
 import json
 import random
 from dataclasses import dataclass
+
+from bench import common
 
 WORKLOADS = ("code", "search", "planning", "validation", "database", "calculator")
 
@@ -140,12 +141,9 @@ def _doc_topics() -> list[str]:
         "fnmatch hashlib hmac ipaddress locale mimetypes sched secrets selectors socket struct "
         "subprocess tempfile timeit uuid weakref zlib statistics random string"
     ).split()
-    topics = []
-    for name in names:
-        doc = (importlib.import_module(name).__doc__ or "").strip().splitlines()
-        if doc and len(doc[0]) > 12:
-            topics.append(doc[0].strip().rstrip("."))
-    return topics
+    docs = common.stdlib_docstrings(names)
+    firsts = (doc.splitlines()[0].strip().rstrip(".") for doc in docs)
+    return [line for line in firsts if len(line) > 12]
 
 
 def search(n: int) -> list[BenchRequest]:

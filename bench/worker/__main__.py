@@ -30,22 +30,16 @@ GOAL_BATCH_SPEEDUP = 3.0  # aggregate tok/s at 8 streams over one stream
 
 def prompts(n: int) -> list[str]:
     """`n` different real prompts: summarize a stdlib module's docstring."""
-    import importlib
-
     names = (
         "json collections itertools re typing statistics heapq argparse logging sqlite3 csv "
         "random string shutil pickle copy inspect ast tokenize unittest doctest pprint operator "
         "gzip difflib calendar codecs configparser fnmatch hashlib hmac ipaddress locale "
         "mimetypes sched secrets selectors socket struct subprocess tempfile timeit trace uuid"
     ).split()
-    out = []
-    for name in names:
-        doc = (importlib.import_module(name).__doc__ or "").strip()
-        if len(doc) > 80:
-            out.append(f"Summarize this documentation in a few sentences:\n\n{doc[:1200]}")
-        if len(out) == n:
-            return out
-    raise ValueError(f"only {len(out)} prompts available, {n} asked for")
+    docs = [doc for doc in common.stdlib_docstrings(names) if len(doc) > 80]
+    if len(docs) < n:
+        raise ValueError(f"only {len(docs)} prompts available, {n} asked for")
+    return [f"Summarize this documentation in a few sentences:\n\n{doc[:1200]}" for doc in docs[:n]]
 
 
 @dataclass
