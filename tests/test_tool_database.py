@@ -11,7 +11,6 @@ import json.decoder
 import sqlite3
 import stat
 import sys
-import threading
 import tokenize
 import unicodedata
 from pathlib import Path
@@ -180,50 +179,6 @@ def test_sample_database_has_the_tables_and_plausible_counts(sample_path):
     about = sample_db.read_about(sample_path)
     assert {t: int(about[f"rows.{t}"]) for t in sample_db.TABLES} == counts
     assert about["python"] == sys.version.split()[0] and about["skipped_files"] == "0"
-
-
-def test_the_builder_runs_once_under_concurrency_and_cleans_up(tmp_path, monkeypatch):
-    calls = []
-
-    def slow_build(out: Path) -> None:
-        calls.append(out)
-        con = sqlite3.connect(out)
-        con.execute("CREATE TABLE about (key TEXT, value TEXT)")
-        con.commit()
-        con.close()
-        threading.Event().wait(0.3)  # long enough that the others queue on the lock
-
-    paths: list[Path] = []
-    threads = [
-        threading.Thread(
-            target=lambda: paths.append(sample_db.ensure_sample_db(tmp_path, build=slow_build))
-        )
-        for _ in range(4)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert len(calls) == 1 and len(paths) == 4 and len(set(paths)) == 1
-    path = paths[0]
-    assert path == sample_db.sample_db_path(tmp_path) and path.is_file()
-    assert path.parent == tmp_path / "database"
-    assert sorted(p.name for p in path.parent.iterdir()) == [".build.lock", path.name]
-    assert sample_db.ensure_sample_db(tmp_path, build=slow_build) == path
-    assert len(calls) == 1  # built once, then found
-    # A failed build leaves nothing behind and is not mistaken for a built file.
-    other = tmp_path / "other"
-
-    def broken(out: Path) -> None:
-        out.write_text("half")
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        sample_db.ensure_sample_db(other, build=broken)
-    assert [p.name for p in (other / "database").iterdir()] == [".build.lock"]
-    # The cache folder follows CONVEYOR_CACHE_DIR.
-    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path / "env"))
-    assert sample_db.sample_db_path().parent == tmp_path / "env" / "database"
 
 
 async def test_from_config_locates_the_sample_and_caps_the_timeout(sample_path):

@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -200,43 +199,6 @@ def test_cli_prints_the_path_without_rebuilding(index, cache_root):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(index)
     assert index.stat().st_mtime_ns == mtime
-
-
-def test_concurrent_builders_build_once_and_failures_leave_nothing(tmp_path):
-    builds = []
-
-    def slow_build(tmp: Path) -> None:
-        builds.append(tmp)
-        time.sleep(0.3)  # long enough for every thread to wait on the lock
-        with sqlite3.connect(tmp) as con:
-            con.execute("CREATE TABLE meta(key, value)")
-
-    paths = []
-    threads = [
-        threading.Thread(
-            target=lambda: paths.append(corpus.ensure_index(tmp_path, build=slow_build))
-        )
-        for _ in range(4)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert len(builds) == 1 and len(paths) == 4 and len(set(paths)) == 1
-    assert sorted(p.name for p in (tmp_path / "search").iterdir()) == [
-        ".build.lock",
-        paths[0].name,
-    ]
-
-    other = tmp_path / "other"
-
-    def broken_build(tmp: Path) -> None:
-        tmp.write_bytes(b"half an index")
-        raise corpus.CorpusError("the builder died")
-
-    with pytest.raises(corpus.CorpusError, match="the builder died"):
-        corpus.ensure_index(other, build=broken_build)
-    assert [p.name for p in (other / "search").iterdir()] == [".build.lock"]
 
 
 def test_free_text_becomes_quoted_terms():
