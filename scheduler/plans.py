@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 from dataclasses import dataclass
 
 from scheduler.envelopes import CallClosed, CallOpened, CallText, ScanEvent
 from scheduler.parsers import ParseFailure
+from scheduler.parsers.plan_steps import STEP_REF, split_call
 from scheduler.tools import ToolInfo
 
 PLAN_TOOL = ToolInfo(
@@ -34,7 +34,6 @@ PLAN_TOOL = ToolInfo(
     partial_safe=True,
 )
 JOIN = "join"
-_DEP_IN_STRING = re.compile(r"\$(?:\{([0-9]+)\}|([0-9]+))")
 
 
 class PlanScanner:
@@ -72,8 +71,6 @@ def bind(call_text: str, results: dict[int, str]) -> BoundStep:
     BoundStep("calculator", ["3 + 4"], {}). A bare `$n` argument becomes
     step n's output; `$n` inside a string is replaced in place. Arguments
     must be Python literals: a plan names data, it runs no code."""
-    from scheduler.parsers.plan_steps import split_call
-
     name, args_text = split_call(call_text)
     try:
         tree = ast.parse(f"_({_deps_to_names(args_text)})", mode="eval").body
@@ -85,7 +82,7 @@ def bind(call_text: str, results: dict[int, str]) -> BoundStep:
             n = int(node.id.removeprefix("__step_"))
             return results[n]
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            return _DEP_IN_STRING.sub(lambda m: results[int(m.group(1) or m.group(2))], node.value)
+            return STEP_REF.sub(lambda m: results[int(m.group(1) or m.group(2))], node.value)
         if isinstance(node, ast.List | ast.Tuple):
             return [value(e) for e in node.elts]
         if isinstance(node, ast.Dict):
@@ -104,9 +101,6 @@ def bind(call_text: str, results: dict[int, str]) -> BoundStep:
     )
 
 
-_DEP_AT = re.compile(r"\$(?:\{([0-9]+)\}|([0-9]+))")
-
-
 def _deps_to_names(args_text: str) -> str:
     """Turns `$1` / `${1}` outside string literals into the name `__step_1`;
     strings are left alone (their `$n` is replaced after parsing)."""
@@ -122,7 +116,7 @@ def _deps_to_names(args_text: str) -> str:
             out.append(args_text[i : j + len(quote)])
             i = j + len(quote)
         elif c == "$":
-            m = _DEP_AT.match(args_text, i)
+            m = STEP_REF.match(args_text, i)
             if m is None:
                 raise ParseFailure(f"a '$' not followed by a step number in {args_text[:60]!r}")
             out.append(f"__step_{m.group(1) or m.group(2)}")

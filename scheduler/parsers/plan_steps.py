@@ -42,7 +42,8 @@ _HEADER_RE = re.compile(
     rf"(?:\$(?:\{{([0-9]+)\}}|([0-9]+))[ \t]*=|([0-9]+)[ \t]*[.)])[ \t]*(?P<name>{_NAME})[ \t]*\("
 )
 _CALL_RE = re.compile(rf"[ \t\r\n]*({_NAME})[ \t\r\n]*\((.*)\)[ \t\r\n]*", re.DOTALL)
-_DEP = re.compile(r"\$(?:\{([0-9]+)\}|([0-9]+))")
+# A reference to a step's result: $1 or ${1} (group 1 or 2 is the number).
+STEP_REF = re.compile(r"\$(?:\{([0-9]+)\}|([0-9]+))")
 _BLANKS = re.compile(r"[ \t\r\f\v]*")
 _HEADER_RUN = re.compile(r"[^(\n]*")
 _CALL_RUN = re.compile(r"[^()\[\]{}'\"]*")
@@ -223,7 +224,7 @@ class PlanStepParser:
         text = "".join(self._parts)
         self._parts = []
         step = self._step
-        deps = sorted({int(a or b) for a, b in _DEP.findall(text)})
+        deps = sorted({int(a or b) for a, b in STEP_REF.findall(text)})
         if deps and deps[-1] >= step:
             raise ParseFailure(
                 f"step {step} (line {self._step_line}) depends on ${deps[-1]},"
