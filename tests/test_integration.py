@@ -55,6 +55,19 @@ def kinds(events):
     return [e.WhichOneof("event") for e in events]
 
 
+def call_outputs(events) -> dict[str, tuple[bool, str]]:
+    """Each finished call's (ok, output); a failed call's output is its error."""
+    out = {}
+    for e in events:
+        if e.WhichOneof("event") == "tool_call_finished":
+            f = e.tool_call_finished
+            if f.WhichOneof("outcome") == "result":
+                out[f.call_id] = (f.result.ok, f.result.output)
+            else:
+                out[f.call_id] = (False, f.error.message)
+    return out
+
+
 def unit_results(events):
     """Tool results without timing, keyed by (call, index)."""
     out = {}

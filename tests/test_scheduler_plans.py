@@ -12,7 +12,14 @@ from conveyor.v1 import common_pb2, conveyor_pb2
 from scheduler.parsers import ParseFailure
 from scheduler.plans import BoundStep, arguments_for, bind
 from scheduler.tools import ToolInfo
-from tests.test_integration import FILLER, collect, kinds, run_request, stub  # noqa: F401
+from tests.test_integration import (  # noqa: F401
+    FILLER,
+    call_outputs,
+    collect,
+    kinds,
+    run_request,
+    stub,
+)
 
 PLAN = (
     "Thought: compute, look it up, then combine.\n"
@@ -27,19 +34,6 @@ PLAN = (
 
 def plan_request(mode: int, plan: str = PLAN) -> conveyor_pb2.RunRequest:
     return run_request([plan + FILLER[:600], "Done."], mode, envelopes=[conveyor_pb2.ENVELOPE_PLAN])
-
-
-def step_outputs(events) -> dict[str, tuple[bool, str]]:
-    """Each finished call's (ok, output); a failed call's output is its error."""
-    out = {}
-    for e in events:
-        if e.WhichOneof("event") == "tool_call_finished":
-            f = e.tool_call_finished
-            if f.WhichOneof("outcome") == "result":
-                out[f.call_id] = (f.result.ok, f.result.output)
-            else:
-                out[f.call_id] = (False, f.error.message)
-    return out
 
 
 def test_bind_replaces_step_references():
@@ -73,7 +67,7 @@ async def test_a_plan_runs_its_steps_with_their_dependencies(stub):  # noqa: F81
     elapsed = time.perf_counter() - started
     finished = events[-1].run_finished
     assert finished.finish_reason == common_pb2.FINISH_REASON_FORCED_END, finished.message
-    outputs = step_outputs(events)
+    outputs = call_outputs(events)
     assert outputs["call-0.1"] == (True, "42")
     # Each step has a session of its own (so independent steps of one tool
     # run in parallel, test_gateway checks that): $2 does not see $1's names.
@@ -94,7 +88,7 @@ async def test_a_plan_runs_its_steps_with_their_dependencies(stub):  # noqa: F81
 async def test_both_modes_give_the_same_plan_results(stub):  # noqa: F811
     partial = await collect(stub, plan_request(conveyor_pb2.EXECUTION_MODE_PARTIAL))
     sequential = await collect(stub, plan_request(conveyor_pb2.EXECUTION_MODE_SEQUENTIAL))
-    assert step_outputs(partial) == step_outputs(sequential)
+    assert call_outputs(partial) == call_outputs(sequential)
     seq_dispatched = [e.unit_dispatched for e in sequential if kinds([e]) == ["unit_dispatched"]]
     assert not any(d.during_decode for d in seq_dispatched if d.call_id == "call-0")
 
@@ -107,7 +101,7 @@ async def test_a_failed_step_fails_the_steps_that_need_it(stub):  # noqa: F811
         "$4 = python(\"print('independent')\")\n"
     )
     events = await collect(stub, plan_request(conveyor_pb2.EXECUTION_MODE_PARTIAL, plan))
-    outputs = step_outputs(events)
+    outputs = call_outputs(events)
     assert not outputs["call-0.1"][0] and "ZeroDivisionError" in outputs["call-0.1"][1]
     assert "call-0.2" not in outputs and "call-0.3" not in outputs  # never started
     assert outputs["call-0.4"] == (True, "independent")

@@ -12,7 +12,15 @@ import pytest
 from conveyor.v1 import common_pb2, conveyor_pb2
 
 from tests.conftest import descendant_pids
-from tests.test_integration import FILLER, collect, kinds, run_request, stub, unit_results  # noqa: F401
+from tests.test_integration import (  # noqa: F401
+    FILLER,
+    call_outputs,
+    collect,
+    kinds,
+    run_request,
+    stub,
+    unit_results,
+)
 
 PARTIAL, SEQUENTIAL = conveyor_pb2.EXECUTION_MODE_PARTIAL, conveyor_pb2.EXECUTION_MODE_SEQUENTIAL
 
@@ -48,15 +56,6 @@ CALLS = {
 def finished(events) -> conveyor_pb2.RunFinished:
     assert kinds(events)[-1] == "run_finished"
     return events[-1].run_finished
-
-
-def call_outputs(events) -> dict[str, str]:
-    out = {}
-    for e in events:
-        if e.WhichOneof("event") == "tool_call_finished":
-            f = e.tool_call_finished
-            out[f.call_id] = f.result.output if f.WhichOneof("outcome") == "result" else "error"
-    return out
 
 
 @pytest.mark.parametrize("mode_name", list(CALLS))
@@ -119,8 +118,8 @@ async def test_abort_retries_re_prompt_with_the_verdict(stub):  # noqa: F811
     assert kinds(events).count("abort_verdict") == 1
     assert "parse_error" not in kinds(events)  # the cut-off call is not a parse error
     outputs = call_outputs(events)
-    assert outputs["call-0"].startswith("aborted (argument 'cabin')")
-    assert "all 7 arguments are valid" in outputs["call-1"]
+    assert outputs["call-0"][1].startswith("aborted (argument 'cabin')")
+    assert "all 7 arguments are valid" in outputs["call-1"][1]
     # Without retries the same first round ends the run.
     events = await collect(stub, run_request([bad + FILLER[:200], good], PARTIAL))
     assert finished(events).finish_reason == common_pb2.FINISH_REASON_ABORTED
@@ -164,7 +163,7 @@ async def test_32_concurrent_runs_with_mixed_tools_each_get_their_own_results(st
         assert finished(events).finish_reason == common_pb2.FINISH_REASON_FORCED_END, i
         sequences = [e.sequence for e in events]
         assert sequences == list(range(len(events)))  # every event once, in order
-        outputs = list(call_outputs(events).values())
+        outputs = [text for _, text in call_outputs(events).values()]
         assert len(outputs) == 1 and expect in outputs[0], (i, outputs)
 
 
