@@ -100,7 +100,10 @@ def test_an_abort_verdict_ends_the_ideal_round_at_the_verdict():
     assert t.ideal_latency() == pytest.approx(1.1)
 
 
+# The quick run is 6 warm-ups and 12 measured runs of ~12 s each on a 2-core
+# CPU, plus starting the stack: ~5 min here, more on a loaded CI machine.
 @pytest.mark.real_model
+@pytest.mark.timeout(1200)
 def test_quick_run_reports_every_workload(tmp_path, capsys):
     from bench.e2e.__main__ import main
 
