@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens of finished sequences' KV cache kept for reuse by later rounds (0: off)",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch's kernels (0: torch's default, one per core). When tools "
+        "share the host, leave them a core: busy neighbours stall torch's threads at every "
+        "kernel's barrier",
+    )
+    p.add_argument(
         "--device-map",
         default="",
         help="accelerate device_map for models larger than one device, e.g. 'auto' "
@@ -53,6 +61,7 @@ class WorkerConfig:
     max_batch: int = 16
     prefix_cache_tokens: int = 16384
     device_map: str = ""
+    threads: int = 0
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> WorkerConfig:
@@ -66,4 +75,5 @@ class WorkerConfig:
             max_batch=ns.max_batch,
             prefix_cache_tokens=ns.prefix_cache_tokens,
             device_map=ns.device_map,
+            threads=ns.threads,
         )

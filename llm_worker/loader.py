@@ -35,6 +35,11 @@ def load(config: WorkerConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(config.model, config.cache_dir)
+    if config.threads < 0:
+        raise ValueError(f"--threads must be 0 (torch's default) or more, not {config.threads}")
+    if config.threads:
+        # Process-wide: the engine thread's kernels use this intra-op pool.
+        torch.set_num_threads(config.threads)
     device = pick_device("auto" if config.device_map else config.device)
     dtype = pick_dtype(config.dtype, device)
     start = time.perf_counter()
@@ -51,6 +56,7 @@ def load(config: WorkerConfig):
         model=source.label,
         device=str(getattr(model, "hf_device_map", None) or device),
         dtype=str(dtype).removeprefix("torch."),
+        cpu_threads=torch.get_num_threads(),
         seconds=round(time.perf_counter() - start, 2),
     )
     return model, tokenizer, source.label

@@ -4,6 +4,7 @@ sampling, cancel and abort, through the gRPC API."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import grpc
 import pytest
@@ -177,3 +178,31 @@ async def test_health_is_not_serving_until_the_model_is_loaded(tiny_model_dir):
     assert statuses[0] == health_pb2.HealthCheckResponse.NOT_SERVING
     assert statuses[-1] == health_pb2.HealthCheckResponse.SERVING
     assert info.device == "cpu" and info.dtype == "float32"
+
+
+def test_threads_flag_sets_torchs_cpu_threads(tiny_model_dir):
+    import torch
+
+    from llm_worker.config import WorkerConfig, build_parser
+    from llm_worker.loader import load
+
+    config = WorkerConfig.from_args(
+        build_parser().parse_args(["--model", str(tiny_model_dir), "--threads", "1"])
+    )
+    before = torch.get_num_threads()
+    try:
+        load(config)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="--threads"):
+        load(WorkerConfig(model=str(tiny_model_dir), threads=-1))
+
+
+def test_the_local_stack_leaves_the_tools_a_core():
+    from conveyor_common import stack
+
+    worker = next(s for s in stack.SERVICES if s.name == "llm_worker")
+    threads = int(worker.args[worker.args.index("--threads") + 1])
+    cores = len(os.sched_getaffinity(0))
+    assert threads >= 1 and (threads < cores or cores == 1)

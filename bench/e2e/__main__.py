@@ -28,10 +28,12 @@ STATE_DIR = Path(".cache/bench-stack")
 
 
 def stack_services(search_url: str):
-    from conveyor_common.stack import Service
+    from conveyor_common.stack import WORKER_ARGS, Service
 
     return (
-        Service("llm_worker", "llm_worker", PORTS["llm_worker"], ("--metrics-port", "0")),
+        Service(
+            "llm_worker", "llm_worker", PORTS["llm_worker"], ("--metrics-port", "0", *WORKER_ARGS)
+        ),
         Service(
             "tool_gateway",
             "tool_gateway",

@@ -150,13 +150,14 @@ async def run(
     device: str = "auto",
     quick: bool = False,
     say=None,
+    threads: int = 0,
 ) -> dict:
     from conveyor_common.server import stop_server
     from llm_worker.config import WorkerConfig
     from llm_worker.server import build_engine, create_server
 
     say = say or common.progress("bench.worker")
-    config = WorkerConfig(model=model, device=device, max_batch=max(streams))
+    config = WorkerConfig(model=model, device=device, max_batch=max(streams), threads=threads)
     engine, label = await asyncio.to_thread(build_engine, config)
     engine.prefix_cache.max_tokens = 0  # every request pays its full prefill, as generate() does
     texts = prompts(max(max(streams), baseline_requests))
@@ -270,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 and 4 streams, 16 tokens (CI)")
     ap.add_argument("--model", default="", help="model id or path (default: the embedded one)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument(
+        "--threads", type=int, default=0, help="worker CPU threads (default: torch's, per core)"
+    )
     ap.add_argument("--out", default="bench/results/worker", help="writes <out>.md and <out>.json")
     args = ap.parse_args(argv)
     streams = (
@@ -280,7 +284,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = args.tokens or (16 if args.quick else 128)
     baseline_requests = args.baseline_requests or (1 if args.quick else 4)
     results = asyncio.run(
-        run(streams, tokens, baseline_requests, args.model, args.device, args.quick)
+        run(
+            streams,
+            tokens,
+            baseline_requests,
+            args.model,
+            args.device,
+            args.quick,
+            threads=args.threads,
+        )
     )
     text = markdown(results)
     md_path, json_path = common.write(results, args.out, text)
