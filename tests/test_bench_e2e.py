@@ -100,6 +100,48 @@ def test_an_abort_verdict_ends_the_ideal_round_at_the_verdict():
     assert t.ideal_latency() == pytest.approx(1.1)
 
 
+def _row(workload: str, partial: float, sequential: float, ideal: float) -> dict:
+    return {
+        "workload": workload,
+        "partial_s": partial,
+        "sequential_s": sequential,
+        "ideal_s": ideal,
+        "expect_abort": False,
+        "same_results": True,
+        "tokens": {"partial": 100, "sequential": 100},
+    }
+
+
+def test_a_saving_within_the_paired_runs_noise_is_not_scored():
+    from bench import common
+    from bench.e2e import report
+    from bench.e2e.__main__ import summarize
+
+    rows = [
+        # search: a steady 2 s saving of a possible 2.1 s.
+        *(_row("search", 8.0 + d, 10.0 + d, 7.9 + d) for d in (0.0, 0.3, -0.2, 0.1)),
+        # database: 0.1 s possible, but the modes wander ±1 s apart.
+        *(_row("database", 10.0 + d, 10.0, 9.9) for d in (1.0, -1.0, 0.8, -0.9)),
+    ]
+    search, database = summarize(rows)
+    assert search["share_of_ideal_pct"] == pytest.approx(100 * 2.0 / 2.1)
+    assert search["paired_noise_s"] == pytest.approx(0.0, abs=1e-9)
+    # The standard error of the mean of the differences -1, 1, -0.8, 0.9.
+    assert database["paired_noise_s"] == pytest.approx(1.072 / 2, abs=0.001)
+    goals = report.markdown(
+        {
+            "date": "today",
+            "machine": common.machine(),
+            "config": {"model": "m", "requests_per_workload": 4, "search_latency": "none"},
+            "workloads": [search, database],
+            "runs": rows,
+            "overheads": {},
+        }
+    )
+    assert "- search: 95.2 % of the ideal saving (goal ≥ 90 %) — met" in goals
+    assert "- database: the possible saving, 0.10 s, is within the noise" in goals
+
+
 # The quick run is 6 warm-ups and 12 measured runs of ~12 s each on a 2-core
 # CPU, plus starting the stack: ~5 min here, more on a loaded CI machine.
 @pytest.mark.real_model

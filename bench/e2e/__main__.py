@@ -3,7 +3,7 @@ PARTIAL and SEQUENTIAL mode, alternating, through the three real services
 (separate processes, over gRPC), with forced decoding on the default model.
 
     python -m bench.e2e [--quick] [--requests 10] [--workloads code,search,...]
-                        [--out bench/results/e2e]
+                        [--out bench/results/e2e] [--report earlier.json]
 
 Writes <out>.md, <out>.json and <out>.png. See WORKLOADS.md for the method.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import time
@@ -150,6 +151,10 @@ def summarize(rows: list[dict]) -> list[dict]:
         possible = statistics.mean(s) - statistics.mean(ideal)
         got = statistics.mean(s) - statistics.mean(p)
         aborted = [r for r in mine if r["expect_abort"]]
+        # Standard error of the mean paired difference: how far apart the two
+        # modes' means land by chance on this machine.
+        diffs = [a - b for a, b in zip(s, p, strict=True)]
+        noise = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
         out.append(
             {
                 "workload": workload,
@@ -162,6 +167,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "reduction_pct": 100 * got / statistics.mean(s),
                 "ideal_reduction_pct": 100 * possible / statistics.mean(s),
                 "share_of_ideal_pct": 100 * got / possible if possible > 1e-3 else None,
+                "possible_saving_s": possible,
+                "paired_noise_s": noise,
                 "same_results": all(r["same_results"] for r in mine),
                 "aborted": len(aborted),
                 "abort_tokens_saved_pct": (
@@ -193,13 +200,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--out", default="bench/results/e2e", help="writes <out>.md/.json/.png")
     ap.add_argument("--no-overheads", action="store_true", help="skip the overhead measurements")
+    ap.add_argument(
+        "--report", metavar="JSON", help="rebuild the summary and report of an earlier run's JSON"
+    )
     args = ap.parse_args(argv)
     n = args.requests or (1 if args.quick else 10)
     names = args.workloads.split(",") if args.workloads else list(workloads.WORKLOADS)
     unknown = set(names) - set(workloads.WORKLOADS)
     if unknown:
         ap.error(f"unknown workloads {sorted(unknown)}")
-    results = run(names, n, args.quick, not args.no_overheads)
+    if args.report:
+        results = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        results["workloads"] = summarize(results["runs"])
+    else:
+        results = run(names, n, args.quick, not args.no_overheads)
     text = report.markdown(results)
     md_path, json_path = common.write(results, args.out, text)
     png_path = report.chart(results, Path(args.out).with_suffix(".png"))

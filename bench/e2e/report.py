@@ -80,17 +80,25 @@ def markdown(results: dict) -> str:
             )
     out += ["", "## Goals", ""]
     for w in results["workloads"]:
-        share = w["share_of_ideal_pct"]
-        if share is not None:
+        share, noise = w["share_of_ideal_pct"], w.get("paired_noise_s")
+        if share is not None and noise and w["possible_saving_s"] < 2 * noise:
+            out.append(
+                f"- {w['workload']}: the possible saving, {w['possible_saving_s']:.2f} s, is "
+                f"within the noise of the paired runs (2 standard errors: {2 * noise:.2f} s); "
+                f"{_pct(share)} of it is not a measurement"
+            )
+        elif share is not None:
             met = share >= GOAL_SHARE_PCT
             out.append(
                 f"- {w['workload']}: {_pct(share)} of the ideal saving "
                 f"(goal ≥ {GOAL_SHARE_PCT:g} %) — {'met' if met else 'MISSED'}"
             )
         else:
+            spread = f"; 2 standard errors of the paired runs: {2 * noise:.2f} s" if noise else ""
             out.append(
                 f"- {w['workload']}: no saving to share (ideal reduction "
-                f"{_pct(w['ideal_reduction_pct'])}: the tools are far lighter than decoding)"
+                f"{_pct(w['ideal_reduction_pct'])}{spread}): the tools are far lighter "
+                "than decoding"
             )
     return "\n".join(out) + "\n"
 
