@@ -51,43 +51,51 @@ class StreamResult:
     total_s: float
 
 
-def baseline(model, tokenizer, texts: list[str], max_new: int, say) -> tuple[list[str], dict]:
-    """Plain `generate()`, greedy, one request after another. Returns each
-    prompt's completion (for forced decoding) and the timings."""
+@dataclass
+class GenerateResult:
+    completion: str  # the greedy output, for forced decoding
+    tokens: int
+    ttft_s: float
+    total_s: float
+    decode_tokens_per_s: float
+
+
+def generate_once(model, tokenizer, text: str, max_new: int) -> GenerateResult:
+    """Plain `generate()`, greedy, on one prompt, exactly `max_new` tokens."""
     import torch
 
     from conveyor_common.types import Message
     from llm_worker.prompt import prompt_ids
 
     device = model.get_input_embeddings().weight.device
-    completions, decode_rates, ttfts, total_tokens, total_s = [], [], [], 0, 0.0
-    for i, text in enumerate(texts):
-        ids = torch.tensor([prompt_ids(tokenizer, [Message("user", text)], [])], device=device)
-        kwargs = dict(
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-        with torch.inference_mode():
-            start = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, **kwargs)
-            ttft = time.perf_counter() - start
-            start = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, **kwargs)
-            elapsed = time.perf_counter() - start
-        new = out[0, ids.shape[1] :].tolist()
-        completions.append(tokenizer.decode(new, skip_special_tokens=True))
-        ttfts.append(ttft)
-        decode_rates.append((len(new) - 1) / max(elapsed - ttft, 1e-9))
-        total_tokens += len(new)
-        total_s += elapsed
-        say(f"generate() {i + 1}/{len(texts)}: {len(new)} tokens in {elapsed:.2f}s")
-    return completions, {
-        "requests": len(texts),
-        "tokens": total_tokens,
-        "tokens_per_s": total_tokens / total_s,
-        "decode_tokens_per_s": statistics.mean(decode_rates),
-        "ttft_mean_s": statistics.mean(ttfts),
+    ids = torch.tensor([prompt_ids(tokenizer, [Message("user", text)], [])], device=device)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kwargs)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, **kwargs)
+        elapsed = time.perf_counter() - start
+    new = out[0, ids.shape[1] :].tolist()
+    return GenerateResult(
+        completion=tokenizer.decode(new, skip_special_tokens=True),
+        tokens=len(new),
+        ttft_s=ttft,
+        total_s=elapsed,
+        decode_tokens_per_s=(len(new) - 1) / max(elapsed - ttft, 1e-9),
+    )
+
+
+def summarize_generate(results: list[GenerateResult]) -> dict:
+    return {
+        "requests": len(results),
+        "tokens": sum(r.tokens for r in results),
+        "tokens_per_s": sum(r.tokens for r in results) / sum(r.total_s for r in results),
+        "decode_tokens_per_s": statistics.mean(r.decode_tokens_per_s for r in results),
+        "ttft_mean_s": statistics.mean(r.ttft_s for r in results),
     }
 
 
@@ -116,6 +124,11 @@ async def one_stream(stub, text: str, completion: str) -> StreamResult:
 
 
 async def concurrent(target: str, texts: list[str], completions: list[str]) -> dict:
+    """Every text as its own stream, all at once: one row of the table."""
+    return summarize_streams([await _streams(target, texts, completions)])
+
+
+async def _streams(target: str, texts: list[str], completions: list[str]):
     import grpc
     from conveyor.v1 import llm_worker_pb2_grpc
 
@@ -125,13 +138,20 @@ async def concurrent(target: str, texts: list[str], completions: list[str]) -> d
         results = await asyncio.gather(
             *(one_stream(stub, t, c) for t, c in zip(texts, completions, strict=True))
         )
-        wall = time.perf_counter() - start
+        return results, time.perf_counter() - start
+
+
+def summarize_streams(runs: list[tuple[list[StreamResult], float]]) -> dict:
+    """One row from one or more runs at the same concurrency (their walls add up)."""
+    results = [r for rs, _ in runs for r in rs]
     tokens = sum(r.tokens for r in results)
+    wall = sum(w for _, w in runs)
     ttfts = sorted(r.ttft_s for r in results)
     return {
-        "streams": len(texts),
-        "exact_streams": sum(r.exact for r in results),
-        "tokens": tokens,
+        "streams": len(runs[0][0]),
+        "runs": len(runs),
+        "exact_streams": sum(r.exact for r in results) // len(runs),
+        "tokens": tokens // len(runs),
         "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall,
         "per_stream_tokens_per_s": statistics.mean(
@@ -161,17 +181,30 @@ async def run(
     engine, label = await asyncio.to_thread(build_engine, config)
     engine.prefix_cache.max_tokens = 0  # every request pays its full prefill, as generate() does
     texts = prompts(max(max(streams), baseline_requests))
-    say(f"model {label} on {engine.device}; baseline: generate() x{baseline_requests}")
-    completions, base = baseline(
-        engine.model, engine.tokenizer, texts[:baseline_requests], tokens, say
-    )
-    # The prompts past the baseline's get the baseline's completions in turn.
-    completions = [completions[i % len(completions)] for i in range(len(texts))]
     server, port = await create_server(config, engine=engine)
-    rows = []
+    target = f"127.0.0.1:{port}"
+    say(f"model {label} on {engine.device}; generate() and one stream x{baseline_requests}")
+    rows, generated, single = [], [], []
     try:
+        # The baseline and the single stream alternate prompt by prompt, so a
+        # drift in the machine's speed hits both sides of that ratio alike.
+        for i, text in enumerate(texts[:baseline_requests]):
+            generated.append(generate_once(engine.model, engine.tokenizer, text, tokens))
+            single.append(await _streams(target, [text], [generated[-1].completion]))
+            say(
+                f"prompt {i + 1}/{baseline_requests}: generate() "
+                f"{generated[-1].tokens / generated[-1].total_s:.1f} tok/s, one stream "
+                f"{single[-1][0][0].tokens / single[-1][1]:.1f} tok/s"
+            )
+        base = summarize_generate(generated)
+        # The prompts past the baseline's get the baseline's completions in turn.
+        completions = [generated[i % len(generated)].completion for i in range(len(texts))]
         for n in streams:
-            row = await concurrent(f"127.0.0.1:{port}", texts[:n], completions[:n])
+            row = (
+                summarize_streams(single)
+                if n == 1
+                else await concurrent(target, texts[:n], completions[:n])
+            )
             rows.append(row)
             say(
                 f"{n} stream(s): {row['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
@@ -231,7 +264,8 @@ def markdown(results: dict) -> str:
         "",
         f"Each stream decodes {cfg['tokens_per_stream']} tokens through the gRPC worker "
         "(forced decoding of generate()'s own greedy output, so both do the same steps). "
-        "Baseline: `model.generate()` one request after another.",
+        "Baseline: `model.generate()` one request after another; the one-stream row pools "
+        f"{base['requests']} single streams, each run right after generate() on its prompt.",
         "",
         "| streams | aggregate tok/s | per-stream tok/s | TTFT mean | TTFT p90 "
         "| × one stream | × generate() | exact text |",
