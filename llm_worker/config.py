@@ -37,9 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=0,
-        help="CPU threads for torch's kernels (0: torch's default, one per core). When tools "
-        "share the host, leave them a core: busy neighbours stall torch's threads at every "
-        "kernel's barrier",
+        help="CPU threads for torch's kernels in decode steps (0: torch's default, one per "
+        "core). When tools share the host, leave them a core: busy neighbours stall torch's "
+        "threads at every kernel's barrier",
+    )
+    p.add_argument(
+        "--prefill-threads",
+        type=int,
+        default=0,
+        help="CPU threads for prefills, which are compute-bound and short (0: as --threads)",
     )
     p.add_argument(
         "--device-map",
@@ -62,6 +68,7 @@ class WorkerConfig:
     prefix_cache_tokens: int = 16384
     device_map: str = ""
     threads: int = 0
+    prefill_threads: int = 0
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> WorkerConfig:
@@ -76,4 +83,5 @@ class WorkerConfig:
             prefix_cache_tokens=ns.prefix_cache_tokens,
             device_map=ns.device_map,
             threads=ns.threads,
+            prefill_threads=ns.prefill_threads,
         )

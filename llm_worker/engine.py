@@ -25,7 +25,8 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import structlog
@@ -144,6 +145,7 @@ class Engine:
         max_queue: int = 64,
         max_batch: int = 16,
         prefix_cache_tokens: int = 16384,
+        prefill_threads: int = 0,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -162,6 +164,9 @@ class Engine:
         self._kv: KVBatch | None = None
         self._active: dict[str, _Sequence] = {}  # by request id, until the handler leaves
         self._prefill_s_per_token = 0.0  # measured on cold prefills
+        # Prefill is compute-bound and gains from every core even where decode
+        # steps run on fewer (--threads); 0 keeps decode's count.
+        self.prefill_threads = prefill_threads
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._started = False
 
@@ -371,12 +376,13 @@ class Engine:
         reused = min(reused, len(seq.prompt) - 1)  # at least one token gives the logits
         start = time.perf_counter()
         rest = seq.prompt[reused:]
-        out = self.model(
-            input_ids=torch.tensor([rest], device=self.device),
-            past_key_values=entry.copy_prefix(reused) if entry is not None and reused else None,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with torch_threads(self.prefill_threads):
+            out = self.model(
+                input_ids=torch.tensor([rest], device=self.device),
+                past_key_values=entry.copy_prefix(reused) if entry is not None and reused else None,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         seq.prefill_seconds = time.perf_counter() - start
         if reused > 0:
             seq.cached_tokens = reused
@@ -519,6 +525,21 @@ class Engine:
             seq.stream.loop.call_soon_threadsafe(seq.stream.queue.put_nowait, item)
         except RuntimeError:  # the event loop is gone: nobody will read this
             seq.stop.set()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Runs the block on `n` CPU kernel threads (0: as they are). torch keeps
+    the count per calling thread, so the engine thread switches its own."""
+    before = torch.get_num_threads()
+    if not n or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

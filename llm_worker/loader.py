@@ -35,8 +35,12 @@ def load(config: WorkerConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(config.model, config.cache_dir)
-    if config.threads < 0:
-        raise ValueError(f"--threads must be 0 (torch's default) or more, not {config.threads}")
+    for flag, value in (
+        ("--threads", config.threads),
+        ("--prefill-threads", config.prefill_threads),
+    ):
+        if value < 0:
+            raise ValueError(f"{flag} must be 0 (the default) or more, not {value}")
     if config.threads:
         # Process-wide: the engine thread's kernels use this intra-op pool.
         torch.set_num_threads(config.threads)

@@ -36,6 +36,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
         max_queue=config.max_queue,
         max_batch=config.max_batch,
         prefix_cache_tokens=config.prefix_cache_tokens,
+        prefill_threads=config.prefill_threads,
     )
     engine.warm_up()
     engine.start()

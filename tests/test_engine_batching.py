@@ -294,6 +294,35 @@ async def test_metrics_count_tokens_and_latencies(worker):
     assert sample("conveyor_worker_num_requests_running") is not None
 
 
+async def test_prefills_and_decode_steps_run_on_their_own_thread_counts(tiny_model_dir):
+    """--threads for decode steps, --prefill-threads for prefills: each forward
+    pass sees its count in the engine thread."""
+    from llm_worker.config import WorkerConfig
+    from llm_worker.server import build_engine
+
+    before = torch.get_num_threads()
+    engine, _ = await asyncio.to_thread(
+        build_engine, WorkerConfig(model=str(tiny_model_dir), threads=1, prefill_threads=3)
+    )
+    seen: list[tuple[int, int]] = []  # (tokens fed, threads)
+    forward = engine.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["input_ids"].shape[1], torch.get_num_threads()))
+        return forward(*args, **kwargs)
+
+    engine.model.forward = spy
+    try:
+        text, _, _ = await _run(engine, _gen("count threads", forced="one two three"))
+        assert text == "one two three"
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)
+    prefills = {threads for tokens, threads in seen if tokens > 1}
+    steps = {threads for tokens, threads in seen if tokens == 1}
+    assert prefills == {3} and steps == {1}, seen
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_the_engine_batches_on_a_gpu(tiny_model_dir):

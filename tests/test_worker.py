@@ -197,12 +197,17 @@ def test_threads_flag_sets_torchs_cpu_threads(tiny_model_dir):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="--threads"):
         load(WorkerConfig(model=str(tiny_model_dir), threads=-1))
+    with pytest.raises(ValueError, match="--prefill-threads"):
+        load(WorkerConfig(model=str(tiny_model_dir), prefill_threads=-1))
 
 
 def test_the_local_stack_leaves_the_tools_a_core():
     from conveyor_common import stack
 
     worker = next(s for s in stack.SERVICES if s.name == "llm_worker")
-    threads = int(worker.args[worker.args.index("--threads") + 1])
+    def flag(name: str) -> int:
+        return int(worker.args[worker.args.index(name) + 1])
+
     cores = len(os.sched_getaffinity(0))
-    assert threads >= 1 and (threads < cores or cores == 1)
+    assert flag("--threads") >= 1 and (flag("--threads") < cores or cores == 1)
+    assert flag("--prefill-threads") == cores

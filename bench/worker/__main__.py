@@ -177,7 +177,14 @@ async def run(
     from llm_worker.server import build_engine, create_server
 
     say = say or common.progress("bench.worker")
-    config = WorkerConfig(model=model, device=device, max_batch=max(streams), threads=threads)
+    # generate() runs on the same count for prefill and decode: so does the engine here.
+    config = WorkerConfig(
+        model=model,
+        device=device,
+        max_batch=max(streams),
+        threads=threads,
+        prefill_threads=threads,
+    )
     engine, label = await asyncio.to_thread(build_engine, config)
     engine.prefix_cache.max_tokens = 0  # every request pays its full prefill, as generate() does
     texts = prompts(max(max(streams), baseline_requests))
