@@ -65,9 +65,12 @@ bench-parsers: proto
 	$(PY) -m bench.parsers
 
 # Decode tokens/s at 1/4/8/16 concurrent streams and time to first token,
-# against plain model.generate(); writes bench/results/worker.{md,json}.
+# against plain model.generate(); writes bench/results/worker.{md,json}. Then
+# the decode step with the engine's batch cache against transformers'
+# DynamicCache; writes bench/results/kv_cache.{md,json}.
 bench-worker: proto
 	$(PY) -m bench.worker $(BENCH_ARGS)
+	$(PY) -m bench.worker.kv_cache $(BENCH_ARGS)
 
 # Coverage-guided fuzzing of the parsers (CI runs the hypothesis versions).
 fuzz: proto

@@ -203,7 +203,7 @@ class Engine:
                 self.max_batch = 1
                 self.prefix_cache.max_tokens = 0
                 return
-            kv = KVBatch.single(out.past_key_values, self.model.config)
+            kv = KVBatch.single(out.past_key_values)
             kv = KVBatch.concat([kv, kv.select([0])])
             token = out.logits[:, -1:].argmax(-1).repeat(2, 1)
             self._forward_step(kv, token)
@@ -393,7 +393,7 @@ class Engine:
             rate = seq.prefill_seconds / len(rest)
             self._prefill_s_per_token = 0.8 * self._prefill_s_per_token + 0.2 * rate
         metrics.PROMPT_TOKENS.inc(len(seq.prompt))
-        return KVBatch.single(out.past_key_values, self.model.config), out.logits[:, -1]
+        return KVBatch.single(out.past_key_values), out.logits[:, -1]
 
     def _join(self, seq: _Sequence, kv: KVBatch) -> None:
         self._kv = kv if self._kv is None else KVBatch.concat([self._kv, kv])

@@ -8,8 +8,10 @@ finished one is filtered out, and columns that are padding in every row are
 trimmed away. The attention mask marks padding, and each row keeps its own
 position ids, so a row computes exactly what it would alone.
 
-Rows live in a transformers `DynamicCache` kept across steps (its layers
-grow by one column per step); only membership changes rebuild it.
+Rows live in a transformers `DynamicCache` kept across steps; only
+membership changes rebuild it. Its layers are `GrowingLayer`s: a plain
+`DynamicLayer` concatenates its whole history on every step, which at a
+2000-token context and 8 rows cost a fifth of each decode step on CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +24,70 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer that appends into spare capacity.
+
+    `keys`/`values` are views of the first `length` columns of larger buffers;
+    a step writes its column in place and only a full buffer is copied, into
+    one a quarter larger. Methods inherited from `DynamicLayer` that replace
+    `keys` (crop, batch_select_indices, ...) stay correct: the next update
+    sees the replaced tensors are not its views and starts a new buffer.
+    """
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        self._key_buf: torch.Tensor | None = None
+        self._value_buf: torch.Tensor | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # handed out last
+        if keys is not None and values is not None:  # adopted as they are, no copy
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+
+    def _owns_views(self) -> bool:
+        # Identity, not `_base`: views made under inference_mode have no base.
+        return (
+            self._views is not None
+            and self.keys is self._views[0]
+            and self.values is self._views[1]
+        )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        new = length + key_states.shape[-2]
+        if not self._owns_views() or self._key_buf.shape[-2] < new:
+            capacity = new + max(64, new // 4)
+            shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
+            self._key_buf = key_states.new_empty(shape)
+            self._value_buf = value_states.new_empty(shape)
+            if length:
+                self._key_buf[:, :, :length] = self.keys
+                self._value_buf[:, :, :length] = self.values
+        self._key_buf[:, :, length:new] = key_states
+        self._value_buf[:, :, length:new] = value_states
+        self.keys = self._key_buf[:, :, :new]
+        self.values = self._value_buf[:, :, :new]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+    def nbytes(self) -> int:
+        """Memory held, spare capacity included."""
+        if self._owns_views():
+            return self._key_buf.nbytes + self._value_buf.nbytes
+        return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+
+
+def growing_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache of GrowingLayers that adopts these tensors (no copy)."""
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer(k, v) for k, v in kv]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
 def supports_batching(cache: DynamicCache) -> bool:
     """Padding and slicing along the sequence axis are only sound for plain
     full-attention layers (not sliding windows, not recurrent state)."""
@@ -32,18 +98,20 @@ def supports_batching(cache: DynamicCache) -> bool:
 class KVBatch:
     cache: DynamicCache
     mask: torch.Tensor  # [rows, columns], 1 where a column holds a real token
-    config: object  # the model config, for rebuilding caches
     padded: bool = field(init=False, default=False)  # any row left-padded; steps add none
 
     def __post_init__(self) -> None:
         self.padded = bool((self.mask == 0).any())
 
     @classmethod
-    def single(cls, cache: DynamicCache, config) -> KVBatch:
-        """One freshly prefilled sequence: every column is real."""
+    def single(cls, cache: DynamicCache) -> KVBatch:
+        """One freshly prefilled sequence: every column is real. A batchable
+        cache's layers become GrowingLayers; any other stays as the model made it."""
         n = cache.get_seq_length()
         device = cache.layers[0].keys.device
-        return cls(cache, torch.ones((1, n), dtype=torch.long, device=device), config)
+        if supports_batching(cache):
+            cache = growing_cache([(layer.keys, layer.values) for layer in cache.layers])
+        return cls(cache, torch.ones((1, n), dtype=torch.long, device=device))
 
     @property
     def rows(self) -> int:
@@ -85,32 +153,35 @@ class KVBatch:
             (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
             for k, v in self._tensors()
         ]
-        return KVBatch(
-            DynamicCache(kv, config=self.config), mask[:, start:].contiguous(), self.config
-        )
+        return KVBatch(growing_cache(kv), mask[:, start:].contiguous())
 
     def row_prefix(self, row: int, tokens: int) -> KVBatch:
-        """The first `tokens` real tokens of one row, unpadded (for the prefix cache)."""
+        """A copy of one row's first `tokens` real tokens, unpadded (for the
+        prefix cache and parking: it must not hold the batch's buffers alive)."""
         start = self.columns - int(self.mask[row].sum())
         kv = [
             (
-                k[row : row + 1, :, start : start + tokens],
-                v[row : row + 1, :, start : start + tokens],
+                k[row : row + 1, :, start : start + tokens].clone(),
+                v[row : row + 1, :, start : start + tokens].clone(),
             )
             for k, v in self._tensors()
         ]
         mask = self.mask.new_ones((1, tokens))
-        return KVBatch(DynamicCache(kv, config=self.config), mask, self.config)
+        return KVBatch(growing_cache(kv), mask)
 
     def copy_prefix(self, tokens: int) -> DynamicCache:
         """A cache of this single-row batch's first `tokens` tokens, to prefill
-        the rest of a prompt on. DynamicCache copies what it is given, so the
-        stored entry stays intact as the new cache grows."""
-        kv = [(k[:, :, :tokens], v[:, :, :tokens]) for k, v in self._tensors()]
-        return DynamicCache(kv, config=self.config)
+        the rest of a prompt on; a copy, so the stored entry stays intact."""
+        kv = [(k[:, :, :tokens].clone(), v[:, :, :tokens].clone()) for k, v in self._tensors()]
+        return growing_cache(kv)
 
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self._tensors())
+        return sum(
+            layer.nbytes()
+            if isinstance(layer, GrowingLayer)
+            else layer.keys.nbytes + layer.values.nbytes
+            for layer in self.cache.layers
+        )
 
     @staticmethod
     def concat(batches: Sequence[KVBatch]) -> KVBatch:
@@ -127,5 +198,4 @@ class KVBatch:
                 keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
                 values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
         kv = [(torch.cat(k), torch.cat(v)) for k, v in per_layer]
-        config = batches[0].config
-        return KVBatch(DynamicCache(kv, config=config), torch.cat(masks), config)
+        return KVBatch(growing_cache(kv), torch.cat(masks))

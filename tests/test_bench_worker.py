@@ -33,3 +33,15 @@ def test_quick_run_reports_every_level(tmp_path, capsys):
         assert row["vs_generate"] > 0 and row["exact_streams"] == row["streams"]
     assert results["generate"]["tokens"] == 6
     assert results["config"]["device"] == "cpu" and results["machine"]["cpu_count"]
+
+
+def test_kv_cache_quick_run_compares_both_caches(tmp_path, capsys):
+    from bench.worker.kv_cache import main as kv_main
+
+    out = tmp_path / "kv_cache"
+    assert kv_main(["--quick", "--out", str(out)]) == 0
+    results = json.loads(out.with_name("kv_cache.json").read_text(encoding="utf-8"))
+    assert "| context | batch | DynamicCache step | GrowingLayer step |" in capsys.readouterr().out
+    assert [(r["context"], r["batch"]) for r in results["rows"]] == [(64, 1), (64, 2)]
+    for row in results["rows"]:
+        assert row["dynamic_step_ms"] > 0 and row["growing_step_ms"] > 0 and row["speedup"] > 0

@@ -82,7 +82,7 @@ def test_batched_rows_compute_what_they_compute_alone(worker):
     def single(prompt: list[int]) -> KVBatch:
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-        return KVBatch.single(out.past_key_values, model.config)
+        return KVBatch.single(out.past_key_values)
 
     with torch.inference_mode():
         kv = KVBatch.concat([single(prompts[0]), single(prompts[1])])
