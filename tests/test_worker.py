@@ -205,6 +205,7 @@ def test_the_local_stack_leaves_the_tools_a_core():
     from conveyor_common import stack
 
     worker = next(s for s in stack.SERVICES if s.name == "llm_worker")
+
     def flag(name: str) -> int:
         return int(worker.args[worker.args.index(name) + 1])
 
