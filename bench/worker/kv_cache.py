@@ -3,13 +3,13 @@ place) against transformers' DynamicCache (concatenate the whole history
 every step), on the same model and the same tokens, in one run.
 
     python -m bench.worker.kv_cache [--contexts 300,2000] [--batches 1,8]
-                                    [--steps 40] [--rounds 2] [--quick]
+                                    [--steps 10] [--rounds 8] [--quick]
                                     [--model ID] [--device auto|cpu|cuda] [--threads N]
                                     [--out bench/results/kv_cache]
 
 For each context length and batch size, both caches start from copies of one
-prefill and decode the same steps; the two alternate for `--rounds` rounds
-and each reports its median step over all rounds.
+prefill and decode the same steps, alternating every `--steps` steps for
+`--rounds` rounds; each reports its median step.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def _step_times(model, cache, batch: int, steps: int, device) -> list[float]:
 
 
 def measure(model, ids: list[int], batch: int, steps: int, rounds: int) -> dict:
-    """Median decode step (ms) of each cache over `rounds` alternating rounds."""
+    """Median decode step (ms) of each cache over `rounds` alternating rounds
+    of `steps` steps (the context grows by steps × rounds on the way)."""
     import torch
     from transformers import DynamicCache
 
@@ -47,14 +48,14 @@ def measure(model, ids: list[int], batch: int, steps: int, rounds: int) -> dict:
     with torch.inference_mode():
         prefill = model(input_ids=torch.tensor([ids] * batch, device=device), use_cache=True)
         base = [(layer.keys, layer.values) for layer in prefill.past_key_values.layers]
-        times: dict[str, list[float]] = {"dynamic": [], "growing": []}
-        for _ in range(rounds):
-            copies = [(k.clone(), v.clone()) for k, v in base]
-            times["dynamic"] += _step_times(
-                model, DynamicCache(copies, config=model.config), batch, steps, device
-            )
-            copies = [(k.clone(), v.clone()) for k, v in base]
-            times["growing"] += _step_times(model, growing_cache(copies), batch, steps, device)
+        caches = {
+            "dynamic": DynamicCache([(k.clone(), v.clone()) for k, v in base], config=model.config),
+            "growing": growing_cache([(k.clone(), v.clone()) for k, v in base]),
+        }
+        times: dict[str, list[float]] = {name: [] for name in caches}
+        for _ in range(rounds):  # short alternating rounds: drift in the machine hits both
+            for name, cache in caches.items():
+                times[name] += _step_times(model, cache, batch, steps, device)
     dynamic = statistics.median(times["dynamic"]) * 1000
     growing = statistics.median(times["growing"]) * 1000
     return {
@@ -132,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--contexts", default="300,2000", help="prompt tokens, comma-separated")
     ap.add_argument("--batches", default="1,8", help="rows per step, comma-separated")
-    ap.add_argument("--steps", type=int, default=40, help="decode steps per round")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per cache")
+    ap.add_argument("--steps", type=int, default=10, help="decode steps per round")
+    ap.add_argument("--rounds", type=int, default=8, help="alternating rounds per cache")
     ap.add_argument("--quick", action="store_true", help="context 64, batch 1 and 2, 4 steps")
     ap.add_argument("--model", default="", help="model id or path (default: the embedded one)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/kv_cache", help="writes <out>.md and .json")
     args = ap.parse_args(argv)
     if args.quick:
-        contexts, batches, steps, rounds = [64], [1, 2], 4, 1
+        contexts, batches, steps, rounds = [64], [1, 2], 2, 2
     else:
         contexts = [int(c) for c in args.contexts.split(",")]
         batches = [int(b) for b in args.batches.split(",")]
