@@ -248,11 +248,28 @@ async def test_a_later_round_reuses_the_cached_prefix(worker):
 
     await _run(engine, GenerationRequest(messages=first, sampling=greedy))
     _, warm_ids, warm = await _run(engine, GenerationRequest(messages=second, sampling=greedy))
-    # Round 1's prompt is reused; its last token ("\n" after "assistant") may
-    # merge with the re-rendered output, so the match can end one token early.
-    assert warm.cached_prompt_tokens >= done1.prompt_tokens - 1
+    assert warm.cached_prompt_tokens >= done1.prompt_tokens
     assert warm.prefill_seconds_saved > 0
     assert warm_ids == cold_ids
+
+
+async def test_a_later_round_reuses_the_earlier_output_too(worker):
+    """With canonical output tokens (forced here; greedy output nearly always
+    is), round 2 reuses everything round 1 held in its cache: the prompt and
+    every output token but the last, which was never fed. The output opens
+    with blank lines, which whole-text tokenization would merge with the
+    newline ending the generation prompt."""
+    engine, _ = worker
+    engine.prefix_cache.clear()
+    output = "\n\nFive, four, three, two, one."
+    first = [Message("user", "Count down from five.")]
+    _, _, done1 = await _run(engine, _gen(first[0].content, forced=output))
+    assert done1.completion_tokens > 5
+    second = [*first, Message("assistant", output), Message("user", "Now up.")]
+    _, _, warm = await _run(
+        engine, GenerationRequest(messages=second, sampling=Sampling(max_new_tokens=2))
+    )
+    assert warm.cached_prompt_tokens == done1.prompt_tokens + done1.completion_tokens - 1
 
 
 async def test_abort_and_drop_free_the_slot_at_the_next_step(worker, stub):
