@@ -66,3 +66,12 @@ def write(results: dict, out: str | Path, markdown: str) -> tuple[Path, Path]:
     md_path.write_text(markdown, encoding="utf-8")
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return md_path, json_path
+
+
+def publish(results: dict, out: str | Path, markdown: str) -> tuple[Path, Path]:
+    """Writes <out>.md and <out>.json, prints the markdown, and says where
+    the files went."""
+    md_path, json_path = write(results, out, markdown)
+    print(markdown, end="")
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    return md_path, json_path

@@ -335,10 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
         )
     )
-    text = markdown(results)
-    md_path, json_path = common.write(results, args.out, text)
-    print(text, end="")
-    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    common.publish(results, args.out, markdown(results))
     return 0
 
 

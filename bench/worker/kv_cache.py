@@ -148,10 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batches = [int(b) for b in args.batches.split(",")]
         steps, rounds = args.steps, args.rounds
     results = run(contexts, batches, steps, rounds, args.model, args.device, args.threads)
-    text = markdown(results)
-    md_path, json_path = common.write(results, args.out, text)
-    print(text, end="")
-    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    common.publish(results, args.out, markdown(results))
     return 0
 
 
