@@ -91,7 +91,7 @@ def growing_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCac
 def supports_batching(cache: DynamicCache) -> bool:
     """Padding and slicing along the sequence axis are only sound for plain
     full-attention layers (not sliding windows, not recurrent state)."""
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in cache.layers)
 
 
 @dataclass
@@ -105,11 +105,12 @@ class KVBatch:
 
     @classmethod
     def single(cls, cache: DynamicCache) -> KVBatch:
-        """One freshly prefilled sequence: every column is real. A batchable
-        cache's layers become GrowingLayers; any other stays as the model made it."""
+        """One freshly prefilled sequence: every column is real. The model's
+        plain layers become GrowingLayers (a prefill on a cached prefix already
+        has them); a cache that cannot be batched stays as the model made it."""
         n = cache.get_seq_length()
         device = cache.layers[0].keys.device
-        if supports_batching(cache):
+        if supports_batching(cache) and any(type(layer) is DynamicLayer for layer in cache.layers):
             cache = growing_cache([(layer.keys, layer.values) for layer in cache.layers])
         return cls(cache, torch.ones((1, n), dtype=torch.long, device=device))
 

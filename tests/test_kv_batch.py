@@ -78,3 +78,14 @@ def test_a_replaced_history_starts_a_new_buffer(model):
         want = model(input_ids=torch.tensor([[42]]), past_key_values=plain, use_cache=True)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
     assert kv.cache.get_seq_length() == 5
+
+
+def test_a_prefill_on_a_cached_prefix_keeps_its_growing_layers(model):
+    """The prefix cache hands the prefill GrowingLayers; the sequence's batch
+    keeps them (no re-adoption, which would copy again at the next step)."""
+    kv = KVBatch.single(_prefill(model, [1, 2, 3, 4, 5]).past_key_values)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[6, 7]]), past_key_values=kv.copy_prefix(5))
+    again = KVBatch.single(out.past_key_values)
+    assert again.cache is out.past_key_values and again.columns == 7
+    assert all(isinstance(layer, GrowingLayer) for layer in again.cache.layers)
