@@ -12,7 +12,10 @@ from llm_worker.prompt import prompt_ids
 
 # Output that opens with blank lines, as many models' does: tokenized whole,
 # those newlines would merge with the one that ends "assistant\n".
-CODE = '\n\n```python\nimport math\nprint(math.sqrt(2))\n```\n<tool_call>{"name": "python"}</tool_call>'
+CODE = (
+    "\n\n```python\nimport math\nprint(math.sqrt(2))\n```\n"
+    '<tool_call>{"name": "python"}</tool_call>'
+)
 
 
 @pytest.fixture(scope="module")
