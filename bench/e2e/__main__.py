@@ -214,11 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["workloads"] = summarize(results["runs"])
     else:
         results = run(names, n, args.quick, not args.no_overheads)
-    text = report.markdown(results)
-    md_path, json_path = common.write(results, args.out, text)
+    common.publish(results, args.out, report.markdown(results))
     png_path = report.chart(results, Path(args.out).with_suffix(".png"))
-    print(text, end="")
-    print(f"wrote {md_path}, {json_path} and {png_path}", file=sys.stderr)
+    print(f"wrote {png_path}", file=sys.stderr)
     return 0 if all(r["same_results"] for r in results["workloads"]) else 1
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TextIO
 
 from bench import common
@@ -167,13 +166,6 @@ def run(
     }
 
 
-def write(results: dict, out: str | Path) -> tuple[Path, Path, str]:
-    """Writes <out>.md and <out>.json; returns their paths and the markdown."""
-    text = report.markdown(results)
-    md_path, json_path = common.write(results, out, text)
-    return md_path, json_path, text
-
-
 def main(argv: Sequence[str] | None = None, tokenizer=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.parsers", description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", help="input sizes in KB, comma-separated (default 1,4,16,64)")
@@ -200,9 +192,7 @@ def main(argv: Sequence[str] | None = None, tokenizer=None) -> int:
         sample=args.sample,
         sample_from_kb=args.sample_from_kb,
     )
-    md_path, json_path, text = write(results, args.out)
-    print(text, end="")
-    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    common.publish(results, args.out, report.markdown(results))
     return 0 if results["rows"] else 1
 
 
