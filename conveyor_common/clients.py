@@ -3,6 +3,7 @@ to, keepalive, and request-id propagation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -29,3 +30,19 @@ def outgoing_metadata() -> tuple[tuple[str, str], ...]:
     """Forwards the current request id downstream."""
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     return ((REQUEST_ID_KEY, request_id),) if request_id else ()
+
+
+class Unreachable(Exception):
+    """No connection to a service within the connect timeout."""
+
+
+async def wait_connected(channel: grpc.aio.Channel, name: str, target: str, timeout: float):
+    """Returns once `channel` has a ready connection (at once when it has
+    one); raises Unreachable after `timeout` seconds, so a call to a service
+    that is down fails fast instead of waiting out its whole deadline."""
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except TimeoutError:
+        raise Unreachable(
+            f"{name} UNAVAILABLE: no connection to {target} within {timeout:g} s"
+        ) from None

@@ -9,5 +9,10 @@ SCHEDULER_METRICS_PORT = 9101
 WORKER_METRICS_PORT = 9102
 GATEWAY_METRICS_PORT = 9103
 
-# How long a client waits for a channel to become ready before failing a call.
-CONNECT_TIMEOUT_S = 10.0
+# How long a client waits for a channel to become ready before failing a call
+# (a run with its worker or gateway down ends UNAVAILABLE after this).
+CONNECT_TIMEOUT_S = 5.0
+
+# Where a service listens unless told otherwise: loopback, so a direct run is
+# not reachable from other hosts (compose and Kubernetes pass 0.0.0.0).
+DEFAULT_HOST = "127.0.0.1"

@@ -1,8 +1,12 @@
-"""Server interceptor: binds a request id to every log line of a call, and
-counts calls under the standard grpc_server_* metric names."""
+"""Server interceptor: binds a request id to every log line of a call,
+counts calls under the standard grpc_server_* metric names with their real
+status (a client cancel is CANCELLED, a passed deadline DEADLINE_EXCEEDED),
+and turns a request that is not valid protobuf into INVALID_ARGUMENT instead
+of grpc's UNKNOWN."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +39,56 @@ def _request_id(metadata) -> str:
     return uuid.uuid4().hex[:16]
 
 
+class MalformedRequest(ValueError):
+    """A request message that does not parse as its protobuf type. Unary
+    handlers never see one (the call ends INVALID_ARGUMENT); a streaming
+    handler's request iterator raises this, for the handler to end the call
+    with INVALID_ARGUMENT."""
+
+
+class _Unparsed:
+    """What the deserializer hands on in place of a message it cannot parse."""
+
+    def __init__(self, error: Exception):
+        self.message = f"the request is not a valid protobuf message: {error}"
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, and whatever a custom type raises
+            return _Unparsed(e)
+
+    return deserialize
+
+
+async def _checked(request_iterator):
+    async for request in request_iterator:
+        if isinstance(request, _Unparsed):
+            raise MalformedRequest(request.message)
+        yield request
+
+
+def status_of(context, error: BaseException | None) -> grpc.StatusCode:
+    """The status a call really ended with. `context.code()` is None unless
+    the handler set one, so a cancelled or timed-out call would count as OK."""
+    if context.code() is not None:
+        return context.code()
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED  # whatever the handler did after it
+    # A streaming handler left at a `yield` is closed (GeneratorExit), not cancelled.
+    if context.cancelled() or isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    if error is not None:
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.OK
+
+
 def _split(method: str) -> tuple[str, str]:
     _, service, name = method.split("/", 2)
     return service, name
@@ -56,8 +110,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             structlog.contextvars.bind_contextvars(request_id=request_id, rpc=method)
             return time.perf_counter()
 
-        def done(start: float, context) -> None:
-            code = context.code() if context.code() is not None else grpc.StatusCode.OK
+        def done(start: float, context, error: BaseException | None) -> None:
+            code = status_of(context, error)
             elapsed = time.perf_counter() - start
             HANDLED.labels(service, method, code.name).inc()
             HANDLING_SECONDS.labels(service, method).observe(elapsed)
@@ -67,42 +121,56 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap(handler: grpc.RpcMethodHandler, bind: Callable, done: Callable):
+    deserializer = _tolerant(handler.request_deserializer)
     if handler.unary_unary:
 
         async def unary_unary(request, context):
-            start = bind()
+            start, error = bind(), None
             try:
+                if isinstance(request, _Unparsed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 return await handler.unary_unary(request, context)
+            except BaseException as e:
+                error = e
+                raise
             finally:
-                done(start, context)
+                done(start, context, error)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
+            unary_unary, deserializer, handler.response_serializer
         )
     if handler.unary_stream:
 
         async def unary_stream(request, context):
-            start = bind()
+            start, error = bind(), None
             try:
+                if isinstance(request, _Unparsed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 async for item in handler.unary_stream(request, context):
                     yield item
+            except BaseException as e:
+                error = e
+                raise
             finally:
-                done(start, context)
+                done(start, context, error)
 
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
+            unary_stream, deserializer, handler.response_serializer
         )
     if handler.stream_stream:
 
         async def stream_stream(request_iterator, context):
-            start = bind()
+            start, error = bind(), None
             try:
-                async for item in handler.stream_stream(request_iterator, context):
+                async for item in handler.stream_stream(_checked(request_iterator), context):
                     yield item
+            except BaseException as e:
+                error = e
+                raise
             finally:
-                done(start, context)
+                done(start, context, error)
 
         return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
+            stream_stream, deserializer, handler.response_serializer
         )
     return handler

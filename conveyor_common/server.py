@@ -29,8 +29,14 @@ SERVER_OPTIONS = [
 ]
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(interceptors=[RequestContextInterceptor()], options=SERVER_OPTIONS)
+def new_server(max_receive_bytes: int | None = None) -> grpc.aio.Server:
+    """A server with the request interceptor; `max_receive_bytes` caps each
+    request message (bigger ones end RESOURCE_EXHAUSTED before any handler)."""
+    options = list(SERVER_OPTIONS)
+    if max_receive_bytes is not None:
+        options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", max_receive_bytes))
+    return grpc.aio.server(interceptors=[RequestContextInterceptor()], options=options)
 
 
 def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> HealthState:
@@ -105,10 +111,11 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
-def start_metrics(port: int) -> None:
+def start_metrics(port: int, host: str) -> None:
+    """Prometheus on `host` (the service's own --host: loopback by default)."""
     if port:
-        start_http_server(port)
-        log.info("metrics listening", port=port)
+        start_http_server(port, addr=host)
+        log.info("metrics listening", host=host, port=port)
 
 
 async def run_until_signal(server: grpc.aio.Server, grace: float) -> None:

@@ -15,7 +15,7 @@ from llm_worker.server import create_server
 async def _main() -> None:
     args = build_parser().parse_args()
     configure_logging("llm_worker")
-    start_metrics(args.metrics_port)
+    start_metrics(args.metrics_port, args.host)
     server, port = await create_server(
         WorkerConfig.from_args(args), args.host, args.port, wait_ready=False
     )

@@ -15,7 +15,7 @@ from scheduler.server import create_server
 async def _main() -> None:
     args = build_parser().parse_args()
     configure_logging("scheduler")
-    start_metrics(args.metrics_port)
+    start_metrics(args.metrics_port, args.host)
     server, port = await create_server(SchedulerConfig.from_args(args), args.host, args.port)
     structlog.get_logger("scheduler").info("listening", port=port)
     await run_until_signal(server, args.grace)

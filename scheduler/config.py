@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from conveyor_common.defaults import (
+    CONNECT_TIMEOUT_S,
     GATEWAY_PORT,
     SCHEDULER_METRICS_PORT,
     SCHEDULER_PORT,
@@ -28,8 +29,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="tool_gateway address; dns:///name:port balances over every replica",
     )
     p.add_argument("--max-rounds", type=int, default=4, help="default rounds per run")
+    p.add_argument(
+        "--max-rounds-limit",
+        type=int,
+        default=MAX_ROUNDS_LIMIT,
+        help="the most rounds a request may ask for",
+    )
+    p.add_argument(
+        "--max-abort-retries",
+        type=int,
+        default=MAX_ABORT_RETRIES,
+        help="the most abort retries a request may ask for",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=MAX_REQUEST_BYTES,
+        help="largest RunRequest accepted (bigger ones get RESOURCE_EXHAUSTED)",
+    )
     p.add_argument("--run-timeout", type=float, default=600.0, help="seconds, when no deadline")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT_S,
+        help="seconds to wait for a connection to the worker or gateway before a run fails",
+    )
     return p
+
+
+# Server maxima of what a request may ask for (flags above).
+MAX_ROUNDS_LIMIT = 16
+MAX_ABORT_RETRIES = 4
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,7 +68,23 @@ class SchedulerConfig:
     worker_target: str = f"dns:///localhost:{WORKER_PORT}"
     gateway_target: str = f"dns:///localhost:{GATEWAY_PORT}"
     max_rounds: int = 4
+    max_rounds_limit: int = MAX_ROUNDS_LIMIT
+    max_abort_retries: int = MAX_ABORT_RETRIES
+    max_request_bytes: int = MAX_REQUEST_BYTES
     run_timeout: float = 600.0
+    connect_timeout: float = CONNECT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_rounds <= self.max_rounds_limit:
+            raise ValueError(
+                f"max_rounds must be in [1, max_rounds_limit={self.max_rounds_limit}] "
+                f"(got {self.max_rounds})"
+            )
+        for name in ("max_request_bytes", "run_timeout", "connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.max_abort_retries < 0:
+            raise ValueError(f"max_abort_retries must be >= 0 (got {self.max_abort_retries})")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> SchedulerConfig:
@@ -45,5 +92,9 @@ class SchedulerConfig:
             worker_target=ns.worker_target,
             gateway_target=ns.gateway_target,
             max_rounds=ns.max_rounds,
+            max_rounds_limit=ns.max_rounds_limit,
+            max_abort_retries=ns.max_abort_retries,
+            max_request_bytes=ns.max_request_bytes,
             run_timeout=ns.run_timeout,
+            connect_timeout=ns.connect_timeout,
         )

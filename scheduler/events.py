@@ -105,6 +105,9 @@ class RunFinished:
     message: str = ""
     final_text: str = ""
     timing: Timing = field(default_factory=Timing)
+    # The worker refused the request as invalid before any output (a prompt
+    # over the context): the client gets INVALID_ARGUMENT, not this event.
+    rejected: bool = False
 
 
 RunEvent = (

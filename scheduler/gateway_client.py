@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+import structlog
 from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 
-from conveyor_common.clients import channel, outgoing_metadata
+from conveyor_common.clients import Unreachable, channel, outgoing_metadata, wait_connected
+from conveyor_common.defaults import CONNECT_TIMEOUT_S
 from scheduler.events import AbortVerdict, CallOutcome, UnitProgress, UnitResult
 from scheduler.parsers import ParsedUnit
 from scheduler.tools import ToolInfo
 
 _END = object()
+log = structlog.get_logger("gateway_client")
 
 
 class GatewayError(Exception):
@@ -43,11 +47,22 @@ GatewayEvent = tuple[str, int] | UnitResult | UnitProgress | CallOutcome | Abort
 
 
 class GatewayClient:
-    def __init__(self, target: str):
+    def __init__(self, target: str, connect_timeout: float = CONNECT_TIMEOUT_S):
+        self._target = target
+        self._connect_timeout = connect_timeout
         self._channel = channel(target)
         self._stub = tool_gateway_pb2_grpc.ToolGatewayServiceStub(self._channel)
 
+    async def connected(self, timeout: float | None = None) -> None:
+        """Returns once there is a connection; GatewayError after the connect timeout."""
+        wait = self._connect_timeout if timeout is None else min(timeout, self._connect_timeout)
+        try:
+            await wait_connected(self._channel, "tool_gateway", self._target, wait)
+        except Unreachable as e:
+            raise GatewayError(str(e)) from None
+
     async def list_tools(self, timeout: float = 10.0) -> dict[str, ToolInfo]:
+        await self.connected(timeout)
         try:
             response = await self._stub.ListTools(
                 tool_gateway_pb2.ListToolsRequest(),
@@ -66,42 +81,122 @@ class GatewayClient:
         on_event: Callable[[GatewayEvent], Awaitable[None]],
         on_failure: Callable[[str], Awaitable[None]],
     ) -> ExecuteStream:
-        return ExecuteStream(self._stub, run_id, timeout, on_event, on_failure)
+        return ExecuteStream(self, run_id, timeout, on_event, on_failure)
 
     async def close(self) -> None:
         await self._channel.close()
 
 
+# A stream that fails UNAVAILABLE (the gateway restarted, or its replica went
+# away) is opened again this many times in all, replaying the calls it had
+# sent that had not started.
+STREAM_ATTEMPTS = 3
+
+
 class ExecuteStream:
     """The run's Execute stream. Sends never block (an unbounded outbox: the
-    units of one run are few and small); a task reads the gateway's events."""
+    units of one run are few and small); a task reads the gateway's events.
 
-    def __init__(self, stub, run_id, timeout, on_event, on_failure):
+    Every request is also kept in a journal, so that when the stream breaks
+    before a call has started, the call is sent again on a new stream (to the
+    restarted gateway, or another replica) instead of being lost. A call the
+    gateway had already started is lost with its session: it fails with the
+    stream's error, and so does a waiting call that shares its session (it
+    would miss the variables the lost one made)."""
+
+    def __init__(self, client: GatewayClient, run_id, timeout, on_event, on_failure):
+        self._client = client
         self._run_id = run_id
+        self._deadline = time.monotonic() + timeout
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._on_event = on_event
         self._on_failure = on_failure
-        self._call = stub.Execute(self._requests(), timeout=timeout, metadata=outgoing_metadata())
+        self._journal: list[tool_gateway_pb2.ExecuteRequest] = []
+        self._session_of: dict[str, str] = {}  # call id -> session key ("" is its own)
+        self._heard: set[str] = set()  # calls the gateway has answered
+        self._done: set[str] = set()  # calls whose last event came
+        self._lost: set[str] = set()  # calls failed by a broken stream: no more sends
+        self._ended = False  # finish() was called: no more requests
+        self._call: grpc.aio.StreamStreamCall | None = None
         self._reader = asyncio.create_task(self._read())
 
-    async def _requests(self):
+    async def _requests(self, outbox: asyncio.Queue):
         while True:
-            item = await self._outbox.get()
+            item = await outbox.get()
             if item is _END:
                 return
             yield item
 
     async def _read(self) -> None:
+        for attempt in range(1, STREAM_ATTEMPTS + 1):
+            failure = await self._attempt()
+            if failure is None:
+                return
+            code, message = failure
+            if code != grpc.StatusCode.UNAVAILABLE or attempt == STREAM_ATTEMPTS:
+                break
+            if not await self._replay(message):
+                break
+        else:
+            return
+        await self._on_failure(message)
+
+    async def _attempt(self) -> tuple[grpc.StatusCode | None, str] | None:
+        """One Execute stream until it ends; its failure, if it failed."""
+        remaining = self._deadline - time.monotonic()
+        try:
+            await self._client.connected(max(0.001, remaining))
+        except GatewayError as e:
+            return None if self._ended and not self._journal else (None, str(e))
+        self._call = self._client._stub.Execute(
+            self._requests(self._outbox),
+            timeout=max(0.001, self._deadline - time.monotonic()),
+            metadata=outgoing_metadata(),
+        )
         try:
             async for response in self._call:
-                await self._on_event(_event_from_pb(response))
+                event = _event_from_pb(response)
+                call_id = event[0] if isinstance(event, tuple) else event.call_id
+                self._heard.add(call_id)
+                if isinstance(event, CallOutcome):
+                    self._done.add(call_id)  # and nothing of it is replayed any more
+                    self._journal = [r for r in self._journal if r.call_id != call_id]
+                await self._on_event(event)
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
-                await self._on_failure(f"tool_gateway {e.code().name}: {e.details()}")
-        except asyncio.CancelledError:
-            raise
+                return e.code(), f"tool_gateway {e.code().name}: {e.details()}"
+        return None
+
+    async def _replay(self, message: str) -> bool:
+        """Moves the calls that had not started to a fresh outbox; fails the
+        started ones that had not finished. False when nothing is left to send."""
+        started = {c for c in self._heard if c not in self._done}
+        lost_sessions = {self._session_of[c] for c in self._heard} - {""}
+        self._outbox = asyncio.Queue()
+        replayed = 0
+        for request in self._journal:
+            call_id = request.call_id
+            if call_id in self._heard or self._session_of.get(call_id) in lost_sessions:
+                if call_id not in self._done:
+                    started.add(call_id)
+                continue
+            self._outbox.put_nowait(request)
+            replayed += 1
+        for call_id in sorted(started - self._lost):
+            self._lost.add(call_id)
+            self._done.add(call_id)
+            await self._on_event(CallOutcome(call_id, False, error_code="SANDBOX",
+                                             error_message=message))  # fmt: skip
+        self._journal = [r for r in self._journal if r.call_id not in self._lost]
+        if self._ended:
+            self._outbox.put_nowait(_END)
+        if replayed:
+            log.info("gateway stream broke; calls that had not started are sent again",
+                     calls=replayed, reason=message)  # fmt: skip
+        return replayed > 0 or not self._ended
 
     def open(self, call_id: str, tool: str, session_key: str) -> None:
+        self._session_of[call_id] = session_key
         self._send(
             call_id,
             open=tool_gateway_pb2.OpenCall(
@@ -124,10 +219,15 @@ class ExecuteStream:
         self._send(call_id, cancel=tool_gateway_pb2.CancelCall(reason=reason))
 
     def _send(self, call_id: str, **action) -> None:
-        self._outbox.put_nowait(tool_gateway_pb2.ExecuteRequest(call_id=call_id, **action))
+        if call_id in self._lost:
+            return  # its session is gone with the broken stream
+        request = tool_gateway_pb2.ExecuteRequest(call_id=call_id, **action)
+        self._journal.append(request)
+        self._outbox.put_nowait(request)
 
     async def finish(self, wait: float) -> None:
         """Ends the stream politely: no more requests; waits for the reader."""
+        self._ended = True
         self._outbox.put_nowait(_END)
         try:
             await asyncio.wait_for(asyncio.shield(self._reader), wait)
@@ -137,7 +237,8 @@ class ExecuteStream:
 
     def cancel(self) -> None:
         """Drops the stream: the gateway kills every tool process of the run."""
-        self._call.cancel()
+        if self._call is not None:
+            self._call.cancel()
         self._reader.cancel()
 
 

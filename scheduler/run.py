@@ -45,7 +45,7 @@ from scheduler.plans import JOIN, PLAN_TOOL, PlanScanner, arguments_for, bind
 from scheduler.plans import summary as plan_summary
 from scheduler.timing import TimingRecorder
 from scheduler.tools import ToolInfo, fence_tools
-from scheduler.worker_client import WorkerClient, WorkerDone
+from scheduler.worker_client import WorkerClient, WorkerDone, WorkerRejected
 
 log = structlog.get_logger("run")
 
@@ -100,6 +100,8 @@ class Run:
         self._gateway_down = ""  # why the gateway stream failed, once it has
         self._current: _Call | None = None
         self._tasks: set[asyncio.Task] = set()  # plan steps in flight
+        self._counted = False  # the run's end is in the metrics and the log
+        self._output_started = False  # a token delta went out
         # Every downstream call gets what is left of the run's own deadline.
         self._deadline = time.monotonic() + spec.timeout
 
@@ -109,13 +111,17 @@ class Run:
         """Yields every event once, in order; RunFinished last. Leaving early
         (client cancel) stops decoding and kills the run's tools."""
         main = asyncio.create_task(self._main())
+        finished = False
         try:
             while True:
                 event = await self._queue.get()
+                finished = isinstance(event, RunFinished)
                 yield event
-                if isinstance(event, RunFinished):
+                if finished:
                     return
         finally:
+            if not finished:  # the client left: its run ends here, and is counted
+                self._ended(FinishReason.CANCELLED, "the client cancelled the run")
             main.cancel()
             for task in self._tasks:
                 task.cancel()
@@ -133,12 +139,14 @@ class Run:
         self._queue.put_nowait(event)
 
     async def _main(self) -> None:
-        reason, message, final_text = FinishReason.ERROR, "", ""
+        reason, message, final_text, rejected = FinishReason.ERROR, "", "", False
         try:
             async with asyncio.timeout(self.spec.timeout):
                 reason, message, final_text = await self._rounds()
         except TimeoutError:
             reason, message = FinishReason.DEADLINE_EXCEEDED, "the run's deadline passed"
+        except WorkerRejected as e:  # the request itself is bad; before any output, say so
+            reason, message, rejected = FinishReason.ERROR, str(e), not self._output_started
         except Exception as e:  # a failed service ends the run with a clear reason
             log.warning("run failed", error=str(e))
             reason, message = FinishReason.ERROR, str(e)
@@ -147,7 +155,15 @@ class Run:
                 await self._stream.finish(wait=5.0)
             else:
                 self._stream.cancel()
+        timing = self._ended(reason, message)
+        self._emit(RunFinished(reason, message, final_text, timing, rejected=rejected))
+
+    def _ended(self, reason: FinishReason, message: str):
+        """Counts and logs the run's end, once, whatever ended it."""
         timing = self._timing.summary()
+        if self._counted:
+            return timing
+        self._counted = True
         mode = "partial" if self.spec.partial else "sequential"
         metrics.RUNS.labels(mode, reason.value).inc()
         metrics.RUN_SECONDS.labels(mode).observe(timing.total_seconds)
@@ -158,11 +174,12 @@ class Run:
         log.info(
             "run done",
             finish=reason.value,
+            message=message[:200],
             total_s=round(timing.total_seconds, 3),
             hidden_s=round(timing.hidden_tool_seconds, 3),
             units=timing.units_dispatched,
         )
-        self._emit(RunFinished(reason, message, final_text, timing))
+        return timing
 
     async def _rounds(self) -> tuple[FinishReason, str, str]:
         messages = list(self.spec.messages)
@@ -237,6 +254,7 @@ class Run:
                         done = item
                         break
                     self._delta_at = time.perf_counter()
+                    self._output_started = True
                     parts.append(item.text)
                     self._emit(TokenDelta(round_no, item.text, item.token_count))
                     self._timing.tokens(item.token_count)

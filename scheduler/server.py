@@ -17,9 +17,9 @@ SERVICE_NAME = conveyor_pb2.DESCRIPTOR.services_by_name["ConveyorService"].full_
 async def create_server(
     config: SchedulerConfig, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[grpc.aio.Server, int]:
-    worker = WorkerClient(config.worker_target)
-    gateway = GatewayClient(config.gateway_target)
-    server = new_server()
+    worker = WorkerClient(config.worker_target, config.connect_timeout)
+    gateway = GatewayClient(config.gateway_target, config.connect_timeout)
+    server = new_server(max_receive_bytes=config.max_request_bytes)
     conveyor_pb2_grpc.add_ConveyorServiceServicer_to_server(
         ConveyorServicer(config, worker, gateway), server
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -15,6 +16,7 @@ from conveyor_common.convert import (
     message_from_pb,
     sampling_from_pb,
 )
+from conveyor_common.types import FinishReason
 from scheduler import events as ev
 from scheduler.config import SchedulerConfig
 from scheduler.gateway_client import GatewayClient, GatewayError
@@ -28,7 +30,18 @@ _ENVELOPES = {
     conveyor_pb2.ENVELOPE_MARKDOWN_FENCE: "fence",
     conveyor_pb2.ENVELOPE_PLAN: "plan",
 }
+_MODES = {
+    conveyor_pb2.EXECUTION_MODE_UNSPECIFIED,
+    conveyor_pb2.EXECUTION_MODE_PARTIAL,
+    conveyor_pb2.EXECUTION_MODE_SEQUENTIAL,
+}
 TOOLS_TTL_S = 30.0
+
+# Request bounds beyond the byte cap (--max-request-bytes) and the rounds and
+# retries maxima (flags): ids go into logs, metrics and downstream requests.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+MAX_MESSAGES = 1024
+MAX_TOOL_NAMES = 256
 
 
 class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
@@ -46,19 +59,66 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
         return self._tools
 
     async def Run(self, request, context):
+        try:
+            self._check(request)
+        except BadRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         run_id = request.run_id or uuid.uuid4().hex[:16]
         structlog.contextvars.bind_contextvars(run_id=run_id)
         try:
             hosted = await self._hosted_tools()
+        except GatewayError as e:  # the run cannot start: its one event says why
+            log.warning("run failed", error=str(e))
+            yield event_to_pb(ev.RunFinished(FinishReason.ERROR, str(e)), run_id, 0)
+            return
+        try:
             spec = self._spec(request, run_id, hosted, context.time_remaining())
         except BadRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except GatewayError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         sequence = 0
+        held = None  # RoundStarted(0), until the worker has taken the request
         async for event in Run(spec, self.worker, self.gateway).events():
-            yield event_to_pb(event, run_id, sequence)
-            sequence += 1
+            if isinstance(event, ev.RoundStarted) and event.round == 0:
+                held = event
+                continue
+            if isinstance(event, ev.RunFinished) and event.rejected:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, event.message)
+            for out in (held, event) if held is not None else (event,):
+                yield event_to_pb(out, run_id, sequence)
+                sequence += 1
+            held = None
+
+    def _check(self, request) -> None:
+        """Bounds and enum values of the request's own fields, each failure
+        naming its field (sampling is checked where it is converted)."""
+        if request.run_id and not RUN_ID_PATTERN.fullmatch(request.run_id):
+            raise BadRequest(
+                "run_id: at most 128 characters of letters, digits and ._:- "
+                f"(got {len(request.run_id)} characters)"
+            )
+        if request.mode not in _MODES:
+            raise BadRequest(f"mode: unknown ExecutionMode value {request.mode}")
+        unknown = [e for e in request.envelopes if e not in _ENVELOPES]
+        if unknown:
+            raise BadRequest(f"envelopes: unknown or unspecified Envelope values {unknown}")
+        limit = self.config.max_rounds_limit
+        if request.max_rounds > limit:
+            raise BadRequest(f"max_rounds: {request.max_rounds} is over this server's {limit}")
+        rounds = request.max_rounds or self.config.max_rounds
+        if len(request.forced_completions) > rounds:
+            raise BadRequest(
+                f"forced_completions: {len(request.forced_completions)} completions for "
+                f"{rounds} rounds"
+            )
+        if request.abort_retries > self.config.max_abort_retries:
+            raise BadRequest(
+                f"abort_retries: {request.abort_retries} is over this server's "
+                f"{self.config.max_abort_retries}"
+            )
+        if len(request.messages) > MAX_MESSAGES:
+            raise BadRequest(f"messages: {len(request.messages)} is over {MAX_MESSAGES}")
+        if len(request.tool_names) > MAX_TOOL_NAMES:
+            raise BadRequest(f"tool_names: {len(request.tool_names)} is over {MAX_TOOL_NAMES}")
 
     def _spec(self, request, run_id, hosted, remaining) -> RunSpec:
         if not request.messages:

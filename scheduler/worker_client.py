@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import grpc
 from conveyor.v1 import common_pb2, llm_worker_pb2, llm_worker_pb2_grpc
 
-from conveyor_common.clients import channel, outgoing_metadata
+from conveyor_common.clients import Unreachable, channel, outgoing_metadata, wait_connected
 from conveyor_common.convert import finish_reason_from_pb, message_to_pb, sampling_to_pb
+from conveyor_common.defaults import CONNECT_TIMEOUT_S
 from conveyor_common.types import FinishReason, Message, Sampling
 from scheduler.tools import ToolInfo
 
@@ -33,8 +34,15 @@ class WorkerError(Exception):
     """The worker failed or could not be reached; the message says how."""
 
 
+class WorkerRejected(WorkerError):
+    """The worker refused the request as invalid (INVALID_ARGUMENT): the
+    client's to fix, e.g. a prompt longer than the model's context."""
+
+
 class WorkerClient:
-    def __init__(self, target: str):
+    def __init__(self, target: str, connect_timeout: float = CONNECT_TIMEOUT_S):
+        self._target = target
+        self._connect_timeout = connect_timeout
         self._channel = channel(target)
         self._stub = llm_worker_pb2_grpc.LlmWorkerServiceStub(self._channel)
 
@@ -55,6 +63,12 @@ class WorkerClient:
         )
         if forced_completion is not None:
             request.forced_decoding.completion = forced_completion
+        try:
+            await wait_connected(
+                self._channel, "llm_worker", self._target, min(self._connect_timeout, timeout)
+            )
+        except Unreachable as e:
+            raise WorkerError(str(e)) from None
         call = self._stub.Generate(
             request, timeout=timeout, metadata=outgoing_metadata(), wait_for_ready=True
         )
@@ -76,7 +90,8 @@ class WorkerClient:
                     raise WorkerError(f"llm_worker failed: {response.error.message}")
             raise WorkerError("llm_worker ended the stream without a completion")
         except grpc.aio.AioRpcError as e:
-            raise WorkerError(f"llm_worker {e.code().name}: {e.details()}") from e
+            error = WorkerRejected if e.code() == grpc.StatusCode.INVALID_ARGUMENT else WorkerError
+            raise error(f"llm_worker {e.code().name}: {e.details()}") from e
         finally:
             call.cancel()  # dropping the stream stops decoding at the next step
 

@@ -20,7 +20,7 @@ async def _main() -> int:
     args = build_parser().parse_args()
     configure_logging("tool_gateway")
     config = GatewayConfig.from_args(args)
-    start_metrics(config.metrics_port)
+    start_metrics(config.metrics_port, config.host)
     try:
         server, port = await create_server(config)
     except SandboxUnavailable as e:

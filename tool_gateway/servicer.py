@@ -10,6 +10,7 @@ import grpc
 import structlog
 from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 
+from conveyor_common.interceptors import MalformedRequest
 from tool_gateway import messages as m
 from tool_gateway.executor import StreamExecutor
 from tool_gateway.registry import ToolRegistry
@@ -43,7 +44,9 @@ class ToolGatewayServicer(tool_gateway_pb2_grpc.ToolGatewayServiceServicer):
         try:
             while (event := await executor.next_event()) is not None:
                 yield event_to_pb(event)
-            if (failure := _failure(reader)) is not None:
+            if isinstance(failure := _failure(reader), MalformedRequest):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure))
+            if failure is not None:
                 await context.abort(
                     grpc.StatusCode.INTERNAL, f"reading the requests failed: {failure!r}"
                 )
@@ -60,6 +63,9 @@ class ToolGatewayServicer(tool_gateway_pb2_grpc.ToolGatewayServiceServicer):
         try:
             async for request in request_iterator:
                 executor.submit(request_from_pb(request))
+        except MalformedRequest as e:  # the client's fault: INVALID_ARGUMENT
+            log.warning("malformed request", error=str(e))
+            failure = e
         except Exception as e:  # ends the RPC with INTERNAL, after the closed calls
             log.warning("reading the requests failed", exc_info=True)
             failure = e
