@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from conveyor.v1 import common_pb2
 
@@ -41,11 +42,28 @@ def tool_def_from_pb(spec: common_pb2.ToolSpec) -> ToolDef:
     return ToolDef(spec.name, spec.description, params)
 
 
+# Bounds on sampling values, checked where requests enter (worker and
+# scheduler alike), so a NaN or an absurd value is a client error rather than
+# a failure inside the decode batch.
+MAX_TEMPERATURE = 100.0  # far past useful: sampling is near uniform well before
+MAX_TOP_K = 1 << 20  # above any vocabulary
+MAX_NEW_TOKENS = 1 << 20  # the model's context cuts it further
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
 def sampling_from_pb(s: common_pb2.SamplingParams) -> Sampling:
-    if s.temperature < 0 or not 0 <= s.top_p <= 1 or s.top_k < 0 or s.max_new_tokens < 0:
-        raise BadRequest(
-            "sampling: temperature and top_k must be >= 0, top_p in [0, 1], max_new_tokens >= 0"
-        )
+    _check_range("temperature", s.temperature, 0, MAX_TEMPERATURE)
+    _check_range("top_p", s.top_p, 0, 1)
+    _check_range("top_k", s.top_k, 0, MAX_TOP_K)
+    _check_range("max_new_tokens", s.max_new_tokens, 0, MAX_NEW_TOKENS)
+    if len(s.stop) > MAX_STOP_STRINGS:
+        raise BadRequest(f"sampling.stop: at most {MAX_STOP_STRINGS} strings, not {len(s.stop)}")
+    for i, stop in enumerate(s.stop):
+        if not 0 < len(stop) <= MAX_STOP_CHARS:
+            raise BadRequest(
+                f"sampling.stop[{i}] must be 1 to {MAX_STOP_CHARS} characters, not {len(stop)}"
+            )
     return Sampling(
         temperature=s.temperature,
         top_p=s.top_p or 1.0,
@@ -54,6 +72,11 @@ def sampling_from_pb(s: common_pb2.SamplingParams) -> Sampling:
         max_new_tokens=s.max_new_tokens,
         stop=tuple(s.stop),
     )
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise BadRequest(f"sampling.{name} must be a number in [{low}, {high}], not {value}")
 
 
 def sampling_to_pb(s: Sampling) -> common_pb2.SamplingParams:

@@ -12,6 +12,11 @@ bounds: a request whose reader falls `max_queue` items behind is parked (its
 KV cache set aside, its row out of the batch) until the reader catches up, so
 a slow reader neither grows memory nor slows the other requests.
 
+A failure ends only the request that caused it: a row whose sampling fails
+ends with ERROR and the others decode on; when a batched forward pass fails,
+each row is retried alone. Prompts are tokenized in a worker thread, never on
+the event loop or the model thread.
+
 Sampling is per request (temperature, top-p, top-k, seed). Forced decoding is
 a benchmark feature: the request carries its completion, and each of its
 tokens still costs a real decode step in the shared batch.
@@ -28,6 +33,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import structlog
 import torch
@@ -37,7 +43,7 @@ from llm_worker import metrics
 from llm_worker.detokenizer import IncrementalDetokenizer
 from llm_worker.kv_batch import KVBatch, supports_batching
 from llm_worker.prefix_cache import PrefixCache
-from llm_worker.prompt import prompt_ids
+from llm_worker.prompt import fitted_prompt_ids, prompt_ids
 from llm_worker.sampling import make_generator, next_token
 
 log = structlog.get_logger("engine")
@@ -49,6 +55,10 @@ _REUSABLE = {
     FinishReason.STOP_STRING,
     FinishReason.FORCED_END,
 }
+
+# Room left for the answer when tool results are cut to fit the context: the
+# request's token limit, but at most this share of the context.
+MAX_ANSWER_RESERVE = 0.25
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,12 @@ class RequestError(ValueError):
     """A request the engine cannot run as given (a client error)."""
 
 
+class Tokenized(NamedTuple):
+    prompt: list[int]
+    forced: list[int] | None  # the forced completion's ids
+    limit: int  # new tokens at most, within the context
+
+
 @dataclass(frozen=True)
 class EngineStats:
     rows: int  # in the decode batch
@@ -114,11 +130,11 @@ class _Sequence:
 
     request_id: str
     request: GenerationRequest
-    prompt: list[int]
-    forced: list[int] | None
-    limit: int
     stream: _Stream
     enqueued_at: float
+    prompt: list[int] = field(default_factory=list)  # set once tokenized
+    forced: list[int] | None = None
+    limit: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: FinishReason = FinishReason.CANCELLED
     generator: torch.Generator | None = None
@@ -232,11 +248,16 @@ class Engine:
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._active:
             raise RequestError(f"request_id {request_id!r} is already running")
+        if not request.messages:
+            raise RequestError("messages must not be empty")
         seq = self._new_sequence(request_id, request)
-        self._active[request_id] = seq
-        self._inbox.put(seq)
+        self._active[request_id] = seq  # from here an Abort finds it
         stream = seq.stream
         try:
+            # A long prompt takes seconds to tokenize: not on the event loop,
+            # nor on the model thread (the fast tokenizer releases the GIL).
+            seq.prompt, seq.forced, seq.limit = await asyncio.to_thread(self.tokenize, request)
+            self._inbox.put(seq)
             while True:
                 item = await stream.queue.get()
                 stream.taken += 1
@@ -255,17 +276,10 @@ class Engine:
         seq.stop.set()
         return True
 
-    def _new_sequence(self, request_id: str, request: GenerationRequest) -> _Sequence:
-        """Tokenizes and checks the request before it is queued, so a bad one
-        fails at once with a clear error instead of inside the batch."""
-        if not request.messages:
-            raise RequestError("messages must not be empty")
-        ids = prompt_ids(self.tokenizer, request.messages, request.tools)
-        room = self.max_context - len(ids)
-        if room <= 0:
-            raise RequestError(
-                f"prompt is {len(ids)} tokens; the model's context is {self.max_context}"
-            )
+    def tokenize(self, request: GenerationRequest) -> Tokenized:
+        """The request's prompt and forced ids and its token limit. Tool
+        results are cut to leave the answer room (see fitted_prompt_ids); a
+        prompt over the context even so is a RequestError, before any delta."""
         forced = (
             self.tokenizer.encode(request.forced_completion, add_special_tokens=False)
             if request.forced_completion is not None
@@ -274,12 +288,26 @@ class Engine:
         limit = request.sampling.max_new_tokens or (
             len(forced) if forced is not None else self.default_max_new_tokens
         )
+        reserve = min(limit, int(self.max_context * MAX_ANSWER_RESERVE))
+        ids = fitted_prompt_ids(
+            self.tokenizer, request.messages, request.tools, self.max_context - reserve
+        )
+        room = self.max_context - len(ids)
+        if room <= 0:
+            cut = (
+                " with its tool results cut"
+                if any(m.role == "tool" for m in request.messages)
+                else ""
+            )
+            raise RequestError(
+                f"prompt is {len(ids)} tokens{cut}; the model's context is {self.max_context}"
+            )
+        return Tokenized(ids, forced, min(limit, room))
+
+    def _new_sequence(self, request_id: str, request: GenerationRequest) -> _Sequence:
         return _Sequence(
             request_id=request_id,
             request=request,
-            prompt=ids,
-            forced=forced,
-            limit=min(limit, room),
             stream=_Stream(loop=asyncio.get_running_loop()),
             enqueued_at=time.perf_counter(),
             generator=make_generator(request.sampling, self.device),
@@ -297,9 +325,9 @@ class Engine:
                     self._admit()
                     if self._rows:
                         self._step()
-                except Exception as e:  # a failed step ends the batch's requests, not the engine
-                    log.exception("decode step failed")
-                    self._fail_batch(f"{type(e).__name__}: {e}")
+                except Exception as e:  # a last resort: steps end their own failed rows
+                    log.exception("engine step failed")
+                    self._fail_batch(_describe(e))
                 metrics.RUNNING.set(len(self._rows) + len(self._parked))
                 metrics.WAITING.set(len(self._waiting))
             for seq in [*self._waiting, *self._rows, *self._parked]:
@@ -340,32 +368,32 @@ class Engine:
     def _unpark(self) -> None:
         ready = [s for s in self._parked if s.stream.backlog() < self.max_queue]
         for seq in ready:
+            self._join(seq, seq.parked_kv)  # first: if it fails, the sequence is still parked
             self._parked.remove(seq)
-            self._join(seq, seq.parked_kv)
             seq.parked_kv = None
 
     def _admit(self) -> None:
         while self._waiting and len(self._rows) + len(self._parked) < self.max_batch:
             seq = self._waiting.popleft()
             try:
-                kv, logits = self._prefill(seq)
-            except Exception as e:
-                log.exception("prefill failed", request=seq.request_id)
-                self._finish(seq, FinishReason.ERROR, message=f"{type(e).__name__}: {e}")
-                continue
-            if seq.forced == []:
-                self._finish(seq, FinishReason.FORCED_END)
-                continue
-            token = self._choose([seq], logits)[0]
-            reason = self._advance(seq, token)
-            if reason is not None:
-                self._store_prefix(seq, kv, 0)
-                self._finish(seq, reason)
-            elif seq.stream.backlog() >= self.max_queue:
-                seq.parked_kv = kv
-                self._parked.append(seq)
-            else:
-                self._join(seq, kv)
+                self._admit_one(seq)
+            except Exception as e:  # its prefill or first token failed: it alone ends
+                self._fail(seq, e, "prefill failed")
+
+    def _admit_one(self, seq: _Sequence) -> None:
+        kv, logits = self._prefill(seq)
+        if seq.forced == []:
+            self._finish(seq, FinishReason.FORCED_END)
+            return
+        reason = self._advance(seq, self._choose(seq, logits[0], int(logits[0].argmax())))
+        if reason is not None:
+            self._store_prefix(seq, kv, 0)
+            self._finish(seq, reason)
+        elif seq.stream.backlog() >= self.max_queue:
+            seq.parked_kv = kv
+            self._parked.append(seq)
+        else:
+            self._join(seq, kv)
 
     def _prefill(self, seq: _Sequence) -> tuple[KVBatch, torch.Tensor]:
         """Runs the prompt (after any cached prefix); returns the sequence's
@@ -417,38 +445,64 @@ class Engine:
         return out.logits[:, -1]
 
     def _step(self) -> None:
+        metrics.BATCH_SIZE.observe(len(self._rows))
+        logits = self._step_logits()
         rows = self._rows
-        metrics.BATCH_SIZE.observe(len(rows))
-        fed = torch.tensor([[s.generated[-1]] for s in rows], device=self.device)
-        logits = self._forward_step(self._kv, fed)
+        greedy = logits.argmax(dim=-1).tolist() if rows else []
         keep, park = [], []
-        for i, (seq, token) in enumerate(zip(rows, self._choose(rows, logits), strict=True)):
-            reason = self._advance(seq, token)
-            if reason is not None:
-                self._store_prefix(seq, self._kv, i)
-                self._finish(seq, reason)
-            elif seq.stream.backlog() >= self.max_queue:
-                seq.parked_kv = self._kv.row_prefix(i, int(self._kv.mask[i].sum()))
-                park.append(seq)
-            else:
-                keep.append(i)
+        for i, seq in enumerate(rows):
+            try:
+                reason = self._advance(seq, self._choose(seq, logits[i], greedy[i]))
+                if reason is not None:
+                    self._store_prefix(seq, self._kv, i)
+                    self._finish(seq, reason)
+                elif seq.stream.backlog() >= self.max_queue:
+                    seq.parked_kv = self._kv.row_prefix(i, int(self._kv.mask[i].sum()))
+                    park.append(seq)
+                else:
+                    keep.append(i)
+            except Exception as e:  # its sampling or output failed: the others go on
+                self._fail(seq, e, "decode step failed for one request")
         if len(keep) < len(rows):
             self._keep_rows(keep)
             self._parked.extend(park)
 
-    def _choose(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """Each row's next token: forced, greedy (one argmax for the batch),
-        or sampled with the row's own parameters and generator."""
-        greedy = logits.argmax(dim=-1).tolist()
-        chosen = []
-        for i, seq in enumerate(rows):
-            if seq.forced is not None:
-                chosen.append(seq.forced[len(seq.generated)])
-            elif seq.generator is None:
-                chosen.append(greedy[i])
-            else:
-                chosen.append(next_token(logits[i], seq.request.sampling, seq.generator))
-        return chosen
+    def _step_logits(self) -> torch.Tensor | None:
+        """Every row's next-token logits. When the batched pass fails, each row
+        is retried alone and only the rows that fail alone end (ERROR), so one
+        bad request cannot end its neighbours'. None when no row is left."""
+        fed = torch.tensor([[s.generated[-1]] for s in self._rows], device=self.device)
+        try:
+            return self._forward_step(self._kv, fed)
+        except Exception as e:
+            if len(self._rows) == 1:
+                self._fail(self._rows[0], e, "decode step failed")
+                self._rows, self._kv = [], None
+                return None
+            log.exception("batched decode step failed; retrying each request alone")
+        _drop_partial_step(self._kv)
+        rows, kvs, logits = [], [], []
+        for i, seq in enumerate(self._rows):
+            one = self._kv.select([i])
+            try:
+                logits.append(self._forward_step(one, fed[i : i + 1]))
+            except Exception as e:
+                self._fail(seq, e, "decode step failed")
+                continue
+            rows.append(seq)
+            kvs.append(one)
+        self._rows = rows
+        self._kv = KVBatch.concat(kvs) if kvs else None
+        return torch.cat(logits) if logits else None
+
+    def _choose(self, seq: _Sequence, logits: torch.Tensor, greedy: int) -> int:
+        """The row's next token: forced, greedy (`greedy`, from one argmax for
+        the batch), or sampled with its own parameters and generator."""
+        if seq.forced is not None:
+            return seq.forced[len(seq.generated)]
+        if seq.generator is None:
+            return greedy
+        return next_token(logits, seq.request.sampling, seq.generator)
 
     def _advance(self, seq: _Sequence, token: int) -> FinishReason | None:
         """Takes a sequence's next token: emits its text; returns why the
@@ -488,11 +542,11 @@ class Engine:
     def _finish(self, seq: _Sequence, reason: FinishReason, message: str = "") -> None:
         if seq.done:
             return
-        seq.done = True
-        if reason is not FinishReason.CANCELLED and seq.detok is not None:
-            tail, tail_ids = seq.detok.flush()
+        if reason not in (FinishReason.CANCELLED, FinishReason.ERROR) and seq.detok is not None:
+            tail, tail_ids = seq.detok.flush()  # may fail: then the caller ends it with ERROR
             if tail:
                 self._emit(seq, Delta(tail, tail_ids))
+        seq.done = True
         decode_s = seq.last_token_at - seq.first_token_at if seq.generated else 0.0
         # Counted before the Completion goes out, so a client that saw it sees them too.
         metrics.GENERATED_TOKENS.inc(len(seq.generated))
@@ -512,10 +566,16 @@ class Engine:
             ),
         )
 
+    def _fail(self, seq: _Sequence, error: Exception, what: str) -> None:
+        """Ends one request with ERROR; called in the `except` that caught `error`."""
+        log.exception(what, request=seq.request_id)
+        self._finish(seq, FinishReason.ERROR, message=_describe(error))
+
     def _fail_batch(self, message: str) -> None:
-        for seq in self._rows:
+        """Ends every request the engine holds past prefill (not the waiting)."""
+        for seq in [*self._rows, *self._parked]:
             self._finish(seq, FinishReason.ERROR, message=message)
-        self._rows, self._kv = [], None
+        self._rows, self._parked, self._kv = [], [], None
 
     def _emit(self, seq: _Sequence, item: Delta | Completion) -> None:
         """Hands an item to the request's stream without blocking the batch
@@ -540,6 +600,19 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _drop_partial_step(kv: KVBatch) -> None:
+    """A forward pass that failed part-way may have appended a column to some
+    layers and not to others: those columns go, back to what the mask says."""
+    for layer in kv.cache.layers:
+        extra = layer.get_seq_length() - kv.columns
+        if extra > 0:
+            layer.crop(-extra)
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -1,8 +1,11 @@
-"""Chat messages and tool specs to prompt token ids via the model's template."""
+"""Chat messages and tool specs to prompt token ids via the model's template,
+with tool results cut where the whole would not fit the model's context."""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 from conveyor_common.types import Message, ToolDef
 
@@ -92,3 +95,74 @@ def _encode(tokenizer, text: str, first: bool) -> list[int]:
     # tokenizer's (a BOS, say) once, at the start.
     add_special = first and not tokenizer.chat_template
     return tokenizer.encode(text, add_special_tokens=add_special)
+
+
+# No tokenizer averages this many characters per token, so a tool result
+# longer than budget * this cannot fit: it is cut before it is tokenized.
+_MAX_CHARS_PER_TOKEN = 16
+# Tokens a cut marker may take, counted in when sizing a cut.
+_MARKER_TOKENS = 24
+_FIT_PASSES = 8
+
+
+def cut_marker(chars: int) -> str:
+    """What replaces the middle of a tool result cut to fit (the model reads it)."""
+    return f"\n[... {chars} characters cut to fit the model's context ...]\n"
+
+
+def fitted_prompt_ids(
+    tokenizer, messages: list[Message], tools: list[ToolDef], budget: int
+) -> list[int]:
+    """`prompt_ids`, with tool results cut until the prompt fits `budget`
+    tokens: the largest first, down to a common size, each keeping its head
+    and tail around a `cut_marker`. Other messages are never cut, so the
+    prompt may still exceed the budget; the caller decides what then.
+
+    The cuts depend only on the messages and the budget: the same request
+    always gives the same ids.
+    """
+    kept = {i: len(m.content) for i, m in enumerate(messages) if m.role == "tool"}
+    for i, size in kept.items():
+        kept[i] = min(size, max(budget, 0) * _MAX_CHARS_PER_TOKEN)
+    for _ in range(_FIT_PASSES):
+        cut = _cut_messages(messages, kept)
+        ids = prompt_ids(tokenizer, cut, tools)
+        excess = len(ids) - budget
+        if excess <= 0 or not any(kept.values()):
+            return ids
+        tool_text = [cut[i].content for i in kept]
+        tool_tokens = sum(len(_encode(tokenizer, t, first=False)) for t in tool_text)
+        chars_per_token = sum(map(len, tool_text)) / max(tool_tokens, 1)
+        uncut = sum(kept[i] == len(messages[i].content) for i in kept)
+        excess += _MARKER_TOKENS * uncut  # the markers that cutting them adds
+        _lower_to_common_size(kept, math.ceil(excess * chars_per_token))
+    return ids
+
+
+def _cut_messages(messages: list[Message], kept: dict[int, int]) -> list[Message]:
+    return [
+        replace(m, content=_shorten(m.content, kept[i])) if i in kept else m
+        for i, m in enumerate(messages)
+    ]
+
+
+def _shorten(text: str, keep: int) -> str:
+    """`text` with its middle cut so `keep` characters of it are left."""
+    if keep >= len(text):
+        return text
+    tail = keep // 2
+    return text[: keep - tail] + cut_marker(len(text) - keep) + text[len(text) - tail :]
+
+
+def _lower_to_common_size(kept: dict[int, int], chars: int) -> None:
+    """Takes `chars` characters off the largest sizes: every size above a
+    level drops to it (the highest level that frees enough, or 0)."""
+    low, high = 0, max(kept.values())
+    while low < high:  # the highest level whose cut frees at least `chars`
+        level = (low + high + 1) // 2
+        if sum(max(0, size - level) for size in kept.values()) >= chars:
+            low = level
+        else:
+            high = level - 1
+    for i, size in kept.items():
+        kept[i] = min(size, low)

@@ -22,7 +22,10 @@ def next_token(logits: torch.Tensor, params: Sampling, generator: torch.Generato
     """`logits` is the 1-D vector of the last position."""
     if params.temperature <= 0 or generator is None:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    # Shifted so the best score is 0 before dividing: a tiny temperature then
+    # sends the others to -inf (greedy) instead of every score to inf (NaN).
+    scores = logits.float()
+    scores = (scores - scores.max()) / params.temperature
     if params.top_k > 0:
         k = min(params.top_k, scores.numel())
         kth = torch.topk(scores, k).values[-1]

@@ -19,6 +19,12 @@ from llm_worker.engine import Completion, Engine, GenerationRequest, RequestErro
 
 log = structlog.get_logger("worker")
 
+# The largest GenerateRequest taken, in serialized bytes: far more than any
+# model's context holds, and refused before a second is spent tokenizing it.
+# Twice the scheduler's own request cap, so the tool results a run adds to a
+# conversation the scheduler took never push a later round over it.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
 
 def request_from_pb(req: llm_worker_pb2.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(
@@ -46,13 +52,25 @@ def completion_to_pb(c: Completion) -> llm_worker_pb2.GenerateComplete:
 
 
 class LlmWorkerServicer(llm_worker_pb2_grpc.LlmWorkerServiceServicer):
-    def __init__(self, model_label: str, engine: Engine | None = None):
+    def __init__(
+        self,
+        model_label: str,
+        engine: Engine | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+    ):
         self.model_label = model_label
         self.engine = engine  # None while the model loads
+        self.max_request_bytes = max_request_bytes
 
     async def Generate(self, request, context):
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        size = request.ByteSize()
+        if size > self.max_request_bytes:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is {size} bytes; this worker takes at most {self.max_request_bytes}",
+            )
         try:
             gen_request = request_from_pb(request)
         except BadRequest as e:
