@@ -220,3 +220,11 @@ async def test_a_deadline_is_counted_as_deadline_exceeded(stub):
 
 async def collect_with_timeout(stub, request, timeout: float):
     return [r async for r in stub.Run(request, timeout=timeout)]
+
+
+async def test_a_tool_result_longer_than_the_context_does_not_end_the_run(stub):
+    huge = "```python\nprint('ab ' * 40000)\n```\n"  # 120 KB printed, 64 KiB kept
+    events = await collect(stub, run_request([huge, "done"], PARTIAL))
+    finished = events[-1].run_finished
+    assert finished.finish_reason == common_pb2.FINISH_REASON_FORCED_END, finished.message
+    assert finished.timing.rounds == 2  # the model read the (cut) result and answered
