@@ -19,8 +19,11 @@ install: $(STAMP)
 # Creates .venv and installs everything, apt packages included. torch comes
 # from its pinned CPU build first so no other package pulls a CUDA build.
 $(STAMP): pyproject.toml
-	@command -v bwrap >/dev/null || { echo "installing bubblewrap"; \
-	  (apt-get install -y bubblewrap || (apt-get update && apt-get install -y bubblewrap)) >/dev/null; }
+	@# bubblewrap sandboxes the python tool; libseccomp2 builds its seccomp filter.
+	@{ command -v bwrap && ldconfig -p | grep -q libseccomp.so.2; } >/dev/null || { \
+	  echo "installing bubblewrap and libseccomp2"; \
+	  (apt-get install -y bubblewrap libseccomp2 || \
+	   (apt-get update && apt-get install -y bubblewrap libseccomp2)) >/dev/null; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0

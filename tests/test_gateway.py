@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 
 from conveyor_common.server import stop_server
 from tests.conftest import descendant_pids
-from tool_gateway.config import GatewayConfig, build_parser
+from tool_gateway.config import DEFAULT_TMP_MB, GatewayConfig, build_parser
 from tool_gateway.registry import build_registry
 from tool_gateway.sandbox import SandboxUnavailable
 from tool_gateway.server import create_server
@@ -260,7 +261,7 @@ async def test_a_dead_interpreter_is_a_sandbox_error(stub):
 
 
 async def test_the_sandbox_has_no_network_and_a_read_only_filesystem(stub, gateway_port):
-    probe = Path(__file__).with_name("sandbox-probe.txt")
+    probe = Path(sys.prefix) / "sandbox-probe.txt"  # the venv: shown, read-only
     stream = Stream(stub)
     events = await stream.run(
         "a",
@@ -280,7 +281,8 @@ async def test_the_sandbox_has_no_network_and_a_read_only_filesystem(stub, gatew
     assert "Read-only file system" in write.exception and not probe.exists()
     assert scratch.value == "2"
     assert int(pid.value) < 10  # its own PID namespace
-    assert limits.value == f"((256, 256), ({2048 << 20}, {2048 << 20}))"
+    address_space = (2048 - DEFAULT_TMP_MB) << 20  # /tmp comes out of --memory-mb
+    assert limits.value == f"((256, 256), ({address_space}, {address_space}))"
     assert uid.value == "65534"  # nobody, even though the gateway runs as root here
     await stream.end()
 

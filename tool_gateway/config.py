@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from conveyor_common.defaults import GATEWAY_METRICS_PORT, GATEWAY_PORT
+from conveyor_common.defaults import DEFAULT_HOST, GATEWAY_METRICS_PORT, GATEWAY_PORT
 from conveyor_common.flags import add_server_flags
+
+# A sandbox's /tmp (memory: it comes out of --memory-mb).
+DEFAULT_TMP_MB = 256
+# What --memory-mb must leave for an interpreter's address space besides /tmp
+# (a bare one starts in ~30 MiB; with numpy, torch and matplotlib it maps ~800).
+MIN_ADDRESS_SPACE_MB = 256
+# Interpreters alive at once: bounds the host memory they take and the
+# gateway memory their frames can (python_tool.session_memory_bound each).
+DEFAULT_MAX_SESSIONS = 128
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,9 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds per call (a request may lower it)",
     )
     p.add_argument(
-        "--memory-mb", type=int, default=2048, help="address-space limit of an interpreter"
+        "--memory-mb",
+        type=int,
+        default=2048,
+        help="memory of an interpreter: its address space and, in the sandbox, its /tmp",
+    )
+    p.add_argument(
+        "--tmp-mb",
+        type=int,
+        default=DEFAULT_TMP_MB,
+        help="size of a sandbox's private /tmp, in memory, taken from --memory-mb",
     )
     p.add_argument("--cpu-seconds", type=int, default=120, help="CPU time limit per session")
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=DEFAULT_MAX_SESSIONS,
+        help="python interpreters alive at once; a call past it fails with a clear error",
+    )
     p.add_argument(
         "--max-processes",
         type=int,
@@ -57,13 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    host: str = "0.0.0.0"
+    host: str = DEFAULT_HOST
     port: int = GATEWAY_PORT
     metrics_port: int = GATEWAY_METRICS_PORT
     allow_unsandboxed: bool = False
     unit_timeout: float = 30.0
     call_timeout: float = 300.0
     memory_mb: int = 2048
+    tmp_mb: int = DEFAULT_TMP_MB
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     cpu_seconds: int = 120
     output_cap: int = 64 * 1024
     max_processes: int = 128
@@ -76,12 +102,19 @@ class GatewayConfig:
             "unit_timeout",
             "call_timeout",
             "memory_mb",
+            "tmp_mb",
+            "max_sessions",
             "cpu_seconds",
             "output_cap",
             "max_processes",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.memory_mb - self.tmp_mb < MIN_ADDRESS_SPACE_MB:
+            raise ValueError(
+                f"tmp_mb ({self.tmp_mb}) must leave at least {MIN_ADDRESS_SPACE_MB} MiB of "
+                f"memory_mb ({self.memory_mb}) to the interpreter's address space"
+            )
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> GatewayConfig:
@@ -93,6 +126,8 @@ class GatewayConfig:
             unit_timeout=ns.unit_timeout,
             call_timeout=ns.call_timeout,
             memory_mb=ns.memory_mb,
+            tmp_mb=ns.tmp_mb,
+            max_sessions=ns.max_sessions,
             cpu_seconds=ns.cpu_seconds,
             output_cap=ns.output_cap,
             max_processes=ns.max_processes,

@@ -2,13 +2,16 @@
 script: `python -I python_repl.py OUTPUT_CAP`).
 
 Protocol: each message is a 4-byte big-endian length and that many bytes of
-UTF-8 JSON. The gateway writes requests {"index", "code"} to our stdin; we
-write {"ready": true} once, then one reply per request to our stdout, and
-before it, while the unit runs, {"progress": text} with what it printed since
-the last one (at most every PROGRESS_INTERVAL_S). Before
-any user code runs, both pipes move to private high fds and fds 0 and 1 point
-at /dev/null, so nothing the user does with print, sys.stdout, os.write(1) or a
-child process can corrupt the protocol.
+UTF-8 JSON. The gateway writes requests {"seq", "code"} to our stdin; we
+write {"ready": true} once, then one reply per request to our stdout, echoing
+its seq, and before it, while the unit runs, {"seq", "progress": text} with
+what it printed since the last one (at most every PROGRESS_INTERVAL_S). Each
+text of a reply (stdout, stderr, value, exception) is at most OUTPUT_CAP bytes
+of UTF-8, and so is a unit's progress, all frames together. Before any user
+code runs, both pipes move to private high fds and fds 0 and 1 point at
+/dev/null, so nothing the user does by accident with print, sys.stdout,
+os.write(1) or a child process can corrupt the protocol. Code that means to can
+still write to the private fds: the gateway trusts nothing it reads here.
 """
 
 from __future__ import annotations
@@ -41,22 +44,24 @@ class _Progress:
         self._send = send
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._pending: list[str] = []
-        self._sent = 0  # bytes passed on, up to the output cap
+        self._sent = 0  # UTF-8 bytes passed on, up to the output cap
         self._cap = 0
+        self._seq = 0  # the request whose unit is running
         self._wake = threading.Condition()
         threading.Thread(target=self._flusher, daemon=True).start()
 
-    def start(self, cap: int) -> None:
+    def start(self, seq: int, cap: int) -> None:
         with self._wake:
-            self._pending, self._sent, self._cap = [], 0, cap
+            self._pending, self._sent, self._cap, self._seq = [], 0, cap, seq
 
     def add(self, data: bytes) -> None:
         with self._wake:
             room = self._cap - self._sent
             if room > 0:
-                chunk = data[:room]
-                self._sent += len(chunk)
-                self._pending.append(self._decoder.decode(chunk))
+                # Counted decoded: an undecodable byte becomes a 3-byte U+FFFD.
+                text, _ = _cap(self._decoder.decode(data[:room]), room)
+                self._sent += len(text.encode("utf-8"))
+                self._pending.append(text)
 
     def stop(self) -> None:
         """The unit ended: its result carries everything; drop the rest."""
@@ -70,7 +75,7 @@ class _Progress:
             with self._wake:
                 text, self._pending = "".join(self._pending), []
                 if text:
-                    self._send({"progress": _clean(text)})
+                    self._send({"seq": self._seq, "progress": text})
 
 
 class _CappedSink(io.RawIOBase):
@@ -149,14 +154,14 @@ class Interpreter:
         self.serial = 0
         self.progress = progress
 
-    def run(self, index: int, code: str) -> dict:
+    def run(self, seq: int, code: str) -> dict:
         self.serial += 1
         filename = f"{_UNIT_PREFIX}{self.serial}>"
         # Tracebacks show the source of every unit, earlier ones included.
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         out, err = _Capture(self.cap, self.progress), _Capture(self.cap)
         if self.progress is not None:
-            self.progress.start(self.cap)
+            self.progress.start(seq, self.cap)
         value = exception = ""
         start = time.perf_counter()
         with redirect_stdout(out.stream), redirect_stderr(err.stream):
@@ -175,16 +180,20 @@ class Interpreter:
         stdout = out.text()
         if self.progress is not None:
             self.progress.stop()
-        value, value_cut = _cap(_clean(value), self.cap)
+        # Capped once decoded too: each undecodable byte became a 3-byte U+FFFD.
+        texts = {
+            "stdout": _cap(stdout, self.cap),
+            "stderr": _cap(err.text(), self.cap),
+            "value": _cap(_clean(value), self.cap),
+            "exception": _cap(_clean(exception), self.cap),
+        }
+        cut = out.sink.truncated or err.sink.truncated or any(c for _, c in texts.values())
         return {
-            "index": index,
+            "seq": seq,
             "ok": not exception,
-            "stdout": stdout,
-            "stderr": err.text(),
-            "value": value,
-            "exception": _clean(exception),
+            **{name: text for name, (text, _) in texts.items()},
             "duration": duration,
-            "truncated": out.sink.truncated or err.sink.truncated or value_cut,
+            "truncated": cut,
         }
 
 
@@ -235,7 +244,7 @@ def main() -> None:
     interpreter = Interpreter(output_cap, _Progress(lambda m: _send(proto_out, m)))
     _send(proto_out, {"ready": True})
     while (request := _receive(proto_in)) is not None:
-        _send(proto_out, interpreter.run(request["index"], request["code"]))
+        _send(proto_out, interpreter.run(request["seq"], request["code"]))
 
 
 if __name__ == "__main__":
