@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections import defaultdict
@@ -23,6 +24,17 @@ from tool_gateway.tools.base import Unit
 UNIT_TIMEOUT = 2.0
 OUTPUT_CAP = 4096
 pb = tool_gateway_pb2
+
+
+@contextlib.asynccontextmanager
+async def gateway_stub(config: GatewayConfig):
+    """A gateway on a free loopback port and a stub of it, stopped on exit."""
+    server, port = await create_server(config, "127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield tool_gateway_pb2_grpc.ToolGatewayServiceStub(channel)
+    finally:
+        await stop_server(server, 0)
 
 
 @pytest.fixture(scope="module")

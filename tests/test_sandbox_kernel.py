@@ -8,16 +8,12 @@ from __future__ import annotations
 import platform
 import signal
 
-import grpc
 import pyseccomp
 import pytest
-from conveyor.v1 import tool_gateway_pb2_grpc
 
-from conveyor_common.server import stop_server
-from tests.test_gateway import Stream, last, results
+from tests.test_gateway import Stream, gateway_stub, last, results
 from tool_gateway import sandbox
 from tool_gateway.config import GatewayConfig
-from tool_gateway.server import create_server
 
 CLONE_NEWNS, CLONE_NEWUSER, SIGCHLD = 0x00020000, 0x10000000, 17
 ADDR_NO_RANDOMIZE = 0x0040000
@@ -47,10 +43,8 @@ def unshare(flags):
 
 @pytest.fixture(scope="module")
 async def stub():
-    server, port = await create_server(GatewayConfig(unit_timeout=20.0), "127.0.0.1", 0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield tool_gateway_pb2_grpc.ToolGatewayServiceStub(channel)
-    await stop_server(server, 0)
+    async with gateway_stub(GatewayConfig(unit_timeout=20.0)) as stub:
+        yield stub
 
 
 async def values(stub, *expressions: str, setup: str = "") -> list[str]:

@@ -8,14 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
-from conveyor.v1 import tool_gateway_pb2_grpc
 
-from conveyor_common.server import stop_server
-from tests.test_gateway import Stream, last, results
+from tests.test_gateway import Stream, gateway_stub, last, results
 from tool_gateway.config import GatewayConfig
-from tool_gateway.server import create_server
 
 PROJECT = Path(__file__).resolve().parent.parent
 # Folders shown whole (or made: /tmp, /dev, /proc), and the interpreter's.
@@ -34,10 +30,8 @@ ETC = {
 
 @pytest.fixture(scope="module")
 async def stub():
-    server, port = await create_server(GatewayConfig(unit_timeout=90.0), "127.0.0.1", 0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield tool_gateway_pb2_grpc.ToolGatewayServiceStub(channel)
-    await stop_server(server, 0)
+    async with gateway_stub(GatewayConfig(unit_timeout=90.0)) as stub:
+        yield stub
 
 
 async def values(stub, *units: str) -> list[str]:

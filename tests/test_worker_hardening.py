@@ -21,6 +21,7 @@ from conveyor_common.types import FinishReason, Message, Sampling
 from llm_worker.engine import Delta, Engine, GenerationRequest
 from llm_worker.prompt import fitted_prompt_ids, prompt_ids
 from llm_worker.servicer import MAX_REQUEST_BYTES
+from tests.test_engine_batching import _idle
 
 SMALL_CONTEXT = 1024
 CUT = "characters cut to fit the model's context"
@@ -85,15 +86,6 @@ async def _first_delta_then_rest(engine, request: GenerationRequest, started: as
             done = item
     started.set()
     return text, ids, done
-
-
-async def _idle(engine, seconds: float = 10.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        s = engine.stats()
-        if engine.running == 0 and s.rows == s.parked == s.waiting == s.kv_bytes == 0:
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"engine not idle: {engine.stats()}")
 
 
 @contextlib.contextmanager
