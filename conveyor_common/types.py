@@ -7,6 +7,32 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
+class PartialMode(str, Enum):
+    """How a tool's command splits into units; mirrors conveyor.v1.PartialMode
+    without the prefix. The one definition the scheduler and the gateway use."""
+
+    WHOLE = "WHOLE"
+    PYTHON_STATEMENTS = "PYTHON_STATEMENTS"
+    JSON_FIELDS = "JSON_FIELDS"
+    LINES = "LINES"
+    PLAN_STEPS = "PLAN_STEPS"
+    SQL_STATEMENTS = "SQL_STATEMENTS"
+
+    def __str__(self) -> str:  # the bare name in f-strings, on every Python
+        return self.value
+
+
+class Envelope(str, Enum):
+    """A way a model's output marks a tool call; mirrors conveyor.v1.Envelope."""
+
+    TAG = "tag"  # <tool_call>{"name": …, "arguments": …}</tool_call>
+    FENCE = "fence"  # ```python … ``` (the language picks the tool)
+    PLAN = "plan"  # LLMCompiler-style plan steps, the whole output
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class FinishReason(str, Enum):
     """Mirrors conveyor.v1.FinishReason without the prefix."""
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conveyor_common.types import Envelope
+
 FENCE = "```"
 TAG_OPEN = "<tool_call>"
 TAG_CLOSE = "</tool_call>"
@@ -22,7 +24,7 @@ TAG_CLOSE = "</tool_call>"
 
 @dataclass(frozen=True)
 class CallOpened:
-    envelope: str  # "fence" | "tag"
+    envelope: Envelope
     tool: str  # for fences, the tool claiming the language; for tags, "" (in the JSON)
 
 
@@ -95,7 +97,7 @@ class EnvelopeScanner:
             tool = self._fence_tools.get(language)
             if tool:
                 self._state = "fence"
-                events.append(CallOpened("fence", tool))
+                events.append(CallOpened(Envelope.FENCE, tool))
             else:
                 self._state = "other_fence"
             return True
@@ -118,7 +120,7 @@ class EnvelopeScanner:
             i, kind = min(candidates)
             if kind == "tag":
                 self._buf, self._state = buf[i + len(TAG_OPEN) :], "tag"
-                events.append(CallOpened("tag", ""))
+                events.append(CallOpened(Envelope.TAG, ""))
             else:
                 self._buf, self._state = buf[i + len(FENCE) :], "info"
             return True

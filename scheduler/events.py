@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from conveyor_common.types import FinishReason
+from conveyor_common.types import FinishReason, PartialMode
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class ToolCallStarted:
     call_id: str
     tool_name: str
     round: int
-    partial_mode: str
+    partial_mode: PartialMode
 
 
 @dataclass(frozen=True)

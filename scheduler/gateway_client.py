@@ -13,6 +13,7 @@ from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 
 from conveyor_common.clients import Unreachable, channel, outgoing_metadata, wait_connected
 from conveyor_common.defaults import CONNECT_TIMEOUT_S
+from conveyor_common.types import PartialMode
 from scheduler.events import AbortVerdict, CallOutcome, UnitProgress, UnitResult
 from scheduler.parsers import ParsedUnit
 from scheduler.tools import ToolInfo
@@ -25,9 +26,13 @@ class GatewayError(Exception):
     """The gateway failed or could not be reached."""
 
 
-def _mode_name(value: int) -> str:
-    name = common_pb2.PartialMode.Name(value).removeprefix("PARTIAL_MODE_")
-    return "WHOLE" if name == "UNSPECIFIED" else name
+def _mode(value: int) -> PartialMode:
+    """An unknown or unset mode is WHOLE: the call runs once it is complete."""
+    try:
+        name = common_pb2.PartialMode.Name(value).removeprefix("PARTIAL_MODE_")
+    except ValueError:  # a newer gateway's mode this scheduler does not know
+        return PartialMode.WHOLE
+    return PartialMode.__members__.get(name, PartialMode.WHOLE)
 
 
 def tool_from_pb(spec: common_pb2.ToolSpec) -> ToolInfo:
@@ -35,7 +40,7 @@ def tool_from_pb(spec: common_pb2.ToolSpec) -> ToolInfo:
         name=spec.name,
         description=spec.description,
         parameters=json.loads(spec.parameters_json_schema) if spec.parameters_json_schema else {},
-        partial_mode=_mode_name(spec.partial_mode),
+        partial_mode=_mode(spec.partial_mode),
         partial_safe=spec.partial_safe,
         command_field=spec.command_field,
     )

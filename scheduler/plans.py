@@ -22,6 +22,7 @@ import ast
 import json
 from dataclasses import dataclass
 
+from conveyor_common.types import Envelope, PartialMode
 from scheduler.envelopes import CallClosed, CallOpened, CallText, ScanEvent
 from scheduler.parsers import ParseFailure
 from scheduler.parsers.plan_steps import STEP_REF, split_call
@@ -30,7 +31,7 @@ from scheduler.tools import ToolInfo
 PLAN_TOOL = ToolInfo(
     name="plan",
     description="An LLMCompiler-style plan; each step calls a tool.",
-    partial_mode="PLAN_STEPS",
+    partial_mode=PartialMode.PLAN_STEPS,
     partial_safe=True,
 )
 JOIN = "join"
@@ -46,7 +47,7 @@ class PlanScanner:
         events: list[ScanEvent] = []
         if not self._open:
             self._open = True
-            events.append(CallOpened("plan", PLAN_TOOL.name))
+            events.append(CallOpened(Envelope.PLAN, PLAN_TOOL.name))
         if text:
             events.append(CallText(text))
         return events

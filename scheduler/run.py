@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from conveyor_common.types import FinishReason, Message, Sampling
+from conveyor_common.types import Envelope, FinishReason, Message, Sampling
 from scheduler import metrics
 from scheduler.envelopes import CallClosed, CallOpened, CallText, EnvelopeScanner
 from scheduler.events import (
@@ -60,7 +60,7 @@ class RunSpec:
     max_rounds: int = 4
     abort_retries: int = 0  # re-prompts with an abort verdict before the run ends ABORTED
     forced_completions: tuple[str, ...] = ()
-    envelopes: frozenset[str] = frozenset({"fence", "tag"})
+    envelopes: frozenset[Envelope] = frozenset({Envelope.FENCE, Envelope.TAG})
     timeout: float = 600.0
 
 
@@ -227,11 +227,11 @@ class Run:
         self._generation_id = f"{self.spec.run_id}-r{round_no}"
         scanner = (
             PlanScanner()
-            if "plan" in self.spec.envelopes
+            if Envelope.PLAN in self.spec.envelopes
             else EnvelopeScanner(
                 self._fences,
-                tags="tag" in self.spec.envelopes,
-                fences="fence" in self.spec.envelopes,
+                tags=Envelope.TAG in self.spec.envelopes,
+                fences=Envelope.FENCE in self.spec.envelopes,
             )
         )
         parts: list[str] = []
@@ -278,7 +278,7 @@ class Run:
             call.outcome = asyncio.get_running_loop().create_future()
             self._calls[call.call_id] = call
             self._current = call
-            if event.envelope == "plan":
+            if event.envelope is Envelope.PLAN:
                 self._start_call(call, PLAN_TOOL)
                 call.parser = parser_for(PLAN_TOOL.partial_mode)
             elif event.tool:  # a fence names its tool up front

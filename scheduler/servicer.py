@@ -16,7 +16,7 @@ from conveyor_common.convert import (
     message_from_pb,
     sampling_from_pb,
 )
-from conveyor_common.types import FinishReason
+from conveyor_common.types import Envelope, FinishReason
 from scheduler import events as ev
 from scheduler.config import SchedulerConfig
 from scheduler.gateway_client import GatewayClient, GatewayError
@@ -26,9 +26,9 @@ from scheduler.tools import ToolInfo, default_envelopes
 log = structlog.get_logger("scheduler")
 
 _ENVELOPES = {
-    conveyor_pb2.ENVELOPE_TOOL_CALL_TAG: "tag",
-    conveyor_pb2.ENVELOPE_MARKDOWN_FENCE: "fence",
-    conveyor_pb2.ENVELOPE_PLAN: "plan",
+    conveyor_pb2.ENVELOPE_TOOL_CALL_TAG: Envelope.TAG,
+    conveyor_pb2.ENVELOPE_MARKDOWN_FENCE: Envelope.FENCE,
+    conveyor_pb2.ENVELOPE_PLAN: Envelope.PLAN,
 }
 _MODES = {
     conveyor_pb2.EXECUTION_MODE_UNSPECIFIED,
@@ -129,7 +129,7 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
         names = list(request.tool_names) or list(hosted)
         tools = {n: hosted[n] for n in names}
         envelopes = {_ENVELOPES[e] for e in request.envelopes if e in _ENVELOPES}
-        if "plan" in envelopes and len(envelopes) > 1:
+        if Envelope.PLAN in envelopes and len(envelopes) > 1:
             raise BadRequest("the plan envelope reads the whole output as a plan: use it alone")
         return RunSpec(
             run_id=run_id,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from conveyor_common.types import ToolDef
+from conveyor_common.types import Envelope, PartialMode, ToolDef
 
 # Fence languages a tool of each partial mode claims.
-FENCE_LANGUAGES = {"PYTHON_STATEMENTS": ("python", "py", "python3"), "SQL_STATEMENTS": ("sql",)}
+FENCE_LANGUAGES = {
+    PartialMode.PYTHON_STATEMENTS: ("python", "py", "python3"),
+    PartialMode.SQL_STATEMENTS: ("sql",),
+}
 
 
 @dataclass(frozen=True)
@@ -15,7 +18,7 @@ class ToolInfo:
     name: str
     description: str = ""
     parameters: dict = field(default_factory=dict)
-    partial_mode: str = "WHOLE"  # a PartialMode name without prefix
+    partial_mode: PartialMode = PartialMode.WHOLE
     partial_safe: bool = False
     command_field: str = ""
 
@@ -33,11 +36,11 @@ def fence_tools(tools: dict[str, ToolInfo]) -> dict[str, str]:
     return out
 
 
-def default_envelopes(tools: dict[str, ToolInfo]) -> frozenset[str]:
+def default_envelopes(tools: dict[str, ToolInfo]) -> frozenset[Envelope]:
     """Tool-call tags whenever there are tools (what tool-tuned templates
     teach); fences when a tool runs a fenced language (what small chat
     models write). Plans only on request: plan lines read like prose."""
-    envelopes = {"tag"} if tools else set()
+    envelopes = {Envelope.TAG} if tools else set()
     if fence_tools(tools):
-        envelopes.add("fence")
+        envelopes.add(Envelope.FENCE)
     return frozenset(envelopes)

@@ -4,6 +4,7 @@ a command unit is")."""
 
 from __future__ import annotations
 
+from conveyor_common.types import PartialMode
 from scheduler.parsers.base import ParsedUnit, ParseFailure, UnitParser, WholeParser
 from scheduler.parsers.json_fields import JsonFieldsParser
 from scheduler.parsers.lines import LinesParser
@@ -13,37 +14,37 @@ from scheduler.parsers.sql_statements import SqlStatementParser
 from scheduler.parsers.tool_call_tag import ToolCallTagParser
 
 _BY_MODE = {
-    "PYTHON_STATEMENTS": PythonStatementParser,
-    "LINES": LinesParser,
-    "PLAN_STEPS": PlanStepParser,
-    "SQL_STATEMENTS": SqlStatementParser,
-    "WHOLE": WholeParser,
+    PartialMode.PYTHON_STATEMENTS: PythonStatementParser,
+    PartialMode.LINES: LinesParser,
+    PartialMode.PLAN_STEPS: PlanStepParser,
+    PartialMode.SQL_STATEMENTS: SqlStatementParser,
+    PartialMode.WHOLE: WholeParser,
 }
 
 
-def parser_for(partial_mode: str, command_field: str = "") -> UnitParser:
+def parser_for(partial_mode: PartialMode, command_field: str = "") -> UnitParser:
     """A fresh parser for a command written as plain text (a fenced block),
     or, for JSON_FIELDS, for an arguments object."""
-    if partial_mode == "JSON_FIELDS":
+    if partial_mode == PartialMode.JSON_FIELDS:
         return JsonFieldsParser(command_field)
     return _BY_MODE.get(partial_mode, WholeParser)()
 
 
-def arguments_parser_for(partial_mode: str, command_field: str = "") -> UnitParser:
+def arguments_parser_for(partial_mode: PartialMode, command_field: str = "") -> UnitParser:
     """A fresh parser for a tool's arguments object as a JSON tool call
     carries it: the command field streams into the mode's parser; JSON_FIELDS
     tools get their fields; any other tool gets the whole arguments text."""
     if command_field:
         return JsonFieldsParser(command_field, parser_for(partial_mode))
-    if partial_mode == "JSON_FIELDS":
+    if partial_mode == PartialMode.JSON_FIELDS:
         return JsonFieldsParser()
     return WholeParser()
 
 
-def check_unit(partial_mode: str, text: str) -> None:
+def check_unit(partial_mode: PartialMode, text: str) -> None:
     """Rejects a unit that cannot run before it is sent: a Python statement
     that does not compile becomes a parse error of its call, not a unit."""
-    if partial_mode != "PYTHON_STATEMENTS":
+    if partial_mode != PartialMode.PYTHON_STATEMENTS:
         return
     try:
         compile(text, "<unit>", "exec", dont_inherit=True)

@@ -14,16 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-
-class PartialMode(str, Enum):
-    """Mirrors conveyor.v1.PartialMode without the prefix."""
-
-    WHOLE = "WHOLE"
-    PYTHON_STATEMENTS = "PYTHON_STATEMENTS"
-    JSON_FIELDS = "JSON_FIELDS"
-    LINES = "LINES"
-    PLAN_STEPS = "PLAN_STEPS"
-    SQL_STATEMENTS = "SQL_STATEMENTS"
+from conveyor_common.types import PartialMode  # one definition, shared with the scheduler
 
 
 class ToolErrorCode(str, Enum):
