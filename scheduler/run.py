@@ -17,7 +17,15 @@ import structlog
 
 from conveyor_common.types import Envelope, FinishReason, Message, Sampling
 from scheduler import metrics
-from scheduler.envelopes import CallClosed, CallOpened, CallText, EnvelopeScanner
+from scheduler.envelopes import (
+    CallBody,
+    CallClosed,
+    CallOpened,
+    CallText,
+    EnvelopeScanner,
+    ScanContext,
+    formats_named,
+)
 from scheduler.events import (
     AbortVerdict,
     CallOutcome,
@@ -229,9 +237,7 @@ class Run:
             PlanScanner()
             if Envelope.PLAN in self.spec.envelopes
             else EnvelopeScanner(
-                self._fences,
-                tags=Envelope.TAG in self.spec.envelopes,
-                fences=Envelope.FENCE in self.spec.envelopes,
+                formats_named(self.spec.envelopes), ScanContext(fence_tools=self._fences)
             )
         )
         parts: list[str] = []
@@ -278,15 +284,20 @@ class Run:
             call.outcome = asyncio.get_running_loop().create_future()
             self._calls[call.call_id] = call
             self._current = call
-            if event.envelope is Envelope.PLAN:
+            if event.envelope == Envelope.PLAN:
                 self._start_call(call, PLAN_TOOL)
                 call.parser = parser_for(PLAN_TOOL.partial_mode)
-            elif event.tool:  # a fence names its tool up front
+            elif event.body is CallBody.CALL_JSON:  # the JSON names the tool
+                call.parser = ToolCallTagParser(lambda name: self._arguments_of(call, name))
+            elif event.body is CallBody.ARGUMENTS:  # the envelope named it
+                try:
+                    call.parser = self._arguments_of(call, event.tool)
+                except ParseFailure as e:
+                    self._parse_failed(call, str(e))
+            else:  # a fence: its language named the tool, its text is the command
                 tool = self.spec.tools[event.tool]
                 self._start_call(call, tool)
                 call.parser = parser_for(tool.partial_mode)
-            else:  # a tag: the JSON names the tool
-                call.parser = ToolCallTagParser(lambda name: self._tag_call_named(call, name))
             return
         call = self._current
         if call.failed:
@@ -305,8 +316,9 @@ class Run:
         if isinstance(event, CallClosed):
             self._close_call(call)
 
-    def _tag_call_named(self, call: _Call, name: str) -> UnitParser:
-        """A tag call's JSON named its tool: the call starts now."""
+    def _arguments_of(self, call: _Call, name: str) -> UnitParser:
+        """The call's text named its tool: the call starts now, and its
+        arguments go to the parser returned."""
         tool = self.spec.tools.get(name)
         if tool is None:
             known = ", ".join(sorted(self.spec.tools)) or "none"

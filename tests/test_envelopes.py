@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.envelopes import CallClosed, CallOpened, CallText, EnvelopeScanner
+from scheduler.envelopes import (
+    FORMATS,
+    CallBody,
+    CallClosed,
+    CallOpened,
+    CallText,
+    EnvelopeScanner,
+    ScanContext,
+    formats_named,
+)
 
 OUTPUT = (
     "Sure! Here is code:\n```python\nx = 1\nprint(x)\n```\n"
@@ -15,8 +25,17 @@ OUTPUT = (
 )
 
 
+def scanner_for(*names: str) -> EnvelopeScanner:
+    return EnvelopeScanner(
+        formats_named(names or ("fence", "tag")), ScanContext(fence_tools={"python": "python"})
+    )
+
+
+TAG = CallOpened("tag", "", CallBody.CALL_JSON)
+
+
 def scan(text: str, cuts: list[int]) -> list:
-    scanner = EnvelopeScanner({"python": "python"})
+    scanner = scanner_for()
     events, start = [], 0
     for cut in sorted(set(cuts)) + [len(text)]:
         events += scanner.feed(text[start:cut])
@@ -36,10 +55,10 @@ def test_fences_and_tags_are_found():
         CallOpened("fence", "python"),
         CallText("x = 1\nprint(x)\n"),
         CallClosed(),
-        CallOpened("tag", ""),
+        TAG,
         CallText('{"name": "python", "arguments": {"code": "1+1"}}'),
         CallClosed(),
-        CallOpened("tag", ""),
+        TAG,
         CallText("{}"),
         CallClosed(),
         CallOpened("fence", "python"),
@@ -49,7 +68,7 @@ def test_fences_and_tags_are_found():
 
 
 def test_a_statement_newline_is_not_held_back():
-    scanner = EnvelopeScanner({"python": "python"})
+    scanner = scanner_for()
     assert scanner.feed("```python\n") == [CallOpened("fence", "python")]
     assert scanner.feed("x = 1\n") == [CallText("x = 1\n")]
     assert scanner.feed("``") == []  # could be the closing fence
@@ -57,7 +76,7 @@ def test_a_statement_newline_is_not_held_back():
 
 
 def test_disabled_envelopes_are_ignored():
-    scanner = EnvelopeScanner({"python": "python"}, tags=False)
+    scanner = scanner_for("fence")
     events = scanner.feed('<tool_call>{"name": "x"}</tool_call>\n') + scanner.finish()
     assert events == []
 
@@ -66,3 +85,16 @@ def test_disabled_envelopes_are_ignored():
 @given(st.lists(st.integers(0, len(OUTPUT)), max_size=60))
 def test_any_split_gives_the_same_events(cuts):
     assert scan(OUTPUT, cuts) == scan(OUTPUT, [])
+
+
+def test_a_tag_call_opens_as_soon_as_its_marker_is_complete():
+    scanner = scanner_for()
+    assert scanner.feed("text <tool_") == []
+    assert scanner.feed("call>") == [TAG]
+    assert scanner.feed('{"name"') == [CallText('{"name"')]
+
+
+def test_unknown_format_names_are_refused_naming_the_known():
+    with pytest.raises(ValueError, match="known"):
+        formats_named(["tag", "no-such-format"])
+    assert {"fence", "tag"} <= set(FORMATS)
