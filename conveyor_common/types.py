@@ -25,9 +25,15 @@ class PartialMode(str, Enum):
 class Envelope(str, Enum):
     """A way a model's output marks a tool call; mirrors conveyor.v1.Envelope."""
 
-    TAG = "tag"  # <tool_call>{"name": …, "arguments": …}</tool_call>
+    TAG = "tag"  # Hermes: <tool_call>{"name": …, "arguments": …}</tool_call>
     FENCE = "fence"  # ```python … ``` (the language picks the tool)
     PLAN = "plan"  # LLMCompiler-style plan steps, the whole output
+    LLAMA3_JSON = "llama3_json"  # {"name": …, "parameters": …}, bare or after <|python_tag|>
+    PYTHONIC = "pythonic"  # [get_weather(city="Paris"), f(x=1)]
+    MISTRAL = "mistral"  # [TOOL_CALLS][{…}] or [TOOL_CALLS]name[ARGS]{…}
+    QWEN3_CODER = "qwen3_coder"  # <tool_call><function=f><parameter=x>…
+    DEEPSEEK = "deepseek"  # <｜tool▁calls▁begin｜>…<｜tool▁sep｜>name + fenced JSON
+    HARMONY = "harmony"  # gpt-oss: <|channel|>commentary to=functions.f … <|call|>
 
     def __str__(self) -> str:
         return self.value

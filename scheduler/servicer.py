@@ -19,6 +19,7 @@ from conveyor_common.convert import (
 from conveyor_common.types import Envelope, FinishReason
 from scheduler import events as ev
 from scheduler.config import SchedulerConfig
+from scheduler.envelopes import FORMATS
 from scheduler.gateway_client import GatewayClient, GatewayError
 from scheduler.run import Run, RunSpec
 from scheduler.tools import ToolInfo, default_envelopes
@@ -29,6 +30,12 @@ _ENVELOPES = {
     conveyor_pb2.ENVELOPE_TOOL_CALL_TAG: Envelope.TAG,
     conveyor_pb2.ENVELOPE_MARKDOWN_FENCE: Envelope.FENCE,
     conveyor_pb2.ENVELOPE_PLAN: Envelope.PLAN,
+    conveyor_pb2.ENVELOPE_LLAMA3_JSON: Envelope.LLAMA3_JSON,
+    conveyor_pb2.ENVELOPE_PYTHONIC: Envelope.PYTHONIC,
+    conveyor_pb2.ENVELOPE_MISTRAL: Envelope.MISTRAL,
+    conveyor_pb2.ENVELOPE_QWEN3_CODER: Envelope.QWEN3_CODER,
+    conveyor_pb2.ENVELOPE_DEEPSEEK: Envelope.DEEPSEEK,
+    conveyor_pb2.ENVELOPE_HARMONY: Envelope.HARMONY,
 }
 _MODES = {
     conveyor_pb2.EXECUTION_MODE_UNSPECIFIED,
@@ -131,6 +138,9 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
         envelopes = {_ENVELOPES[e] for e in request.envelopes if e in _ENVELOPES}
         if Envelope.PLAN in envelopes and len(envelopes) > 1:
             raise BadRequest("the plan envelope reads the whole output as a plan: use it alone")
+        missing = sorted(e.value for e in envelopes - {Envelope.PLAN} if e not in FORMATS)
+        if missing:
+            raise BadRequest(f"envelopes: {missing} not available in this scheduler")
         return RunSpec(
             run_id=run_id,
             messages=[message_from_pb(m) for m in request.messages],
