@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from conveyor_common.defaults import WORKER_METRICS_PORT, WORKER_PORT
 from conveyor_common.flags import add_server_flags
+from llm_worker.tool_format import TOOL_FORMATS, check_tool_format
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="accelerate device_map for models larger than one device, e.g. 'auto' "
         "(overrides --device)",
     )
+    p.add_argument(
+        "--tool-call-format",
+        default="",
+        choices=TOOL_FORMATS,
+        metavar="NAME",
+        help=f"the format the model writes tool calls in, one of {', '.join(TOOL_FORMATS)} "
+        "(default: detected from the chat template and the tokenizer's special tokens)",
+    )
     return p
 
 
@@ -69,6 +78,10 @@ class WorkerConfig:
     device_map: str = ""
     threads: int = 0
     prefill_threads: int = 0
+    tool_call_format: str = ""  # "": detect
+
+    def __post_init__(self) -> None:
+        check_tool_format(self.tool_call_format)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> WorkerConfig:
@@ -84,4 +97,5 @@ class WorkerConfig:
             device_map=ns.device_map,
             threads=ns.threads,
             prefill_threads=ns.prefill_threads,
+            tool_call_format=ns.tool_call_format,
         )

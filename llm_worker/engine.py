@@ -40,11 +40,12 @@ import torch
 
 from conveyor_common.types import FinishReason, Message, Sampling, ToolDef
 from llm_worker import metrics
-from llm_worker.detokenizer import IncrementalDetokenizer
+from llm_worker.detokenizer import IncrementalDetokenizer, hidden_token_ids
 from llm_worker.kv_batch import KVBatch, supports_batching
 from llm_worker.prefix_cache import PrefixCache
 from llm_worker.prompt import fitted_prompt_ids, prompt_ids
 from llm_worker.sampling import make_generator, next_token
+from llm_worker.tool_format import check_tool_format, delimiter_ids
 
 log = structlog.get_logger("engine")
 
@@ -162,17 +163,25 @@ class Engine:
         max_batch: int = 16,
         prefix_cache_tokens: int = 16384,
         prefill_threads: int = 0,
+        tool_call_format: str = "",
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         # With accelerate's device_map the inputs go where the embeddings are.
         self.device = model.get_input_embeddings().weight.device
+        self.dtype = next(model.parameters()).dtype
         self.default_max_new_tokens = default_max_new_tokens
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self._eos_ids = _eos_ids(model, tokenizer)
+        # The format the model writes tool calls in ("" unknown). Its delimiter
+        # tokens stream as text although special; every other special token is hidden.
+        check_tool_format(tool_call_format)
+        self.tool_call_format = tool_call_format
+        self._delimiter_ids = delimiter_ids(tokenizer, tool_call_format)
+        self._hidden_ids = hidden_token_ids(tokenizer, self._delimiter_ids)
         self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._rows: list[_Sequence] = []  # in batch order
@@ -311,7 +320,7 @@ class Engine:
             stream=_Stream(loop=asyncio.get_running_loop()),
             enqueued_at=time.perf_counter(),
             generator=make_generator(request.sampling, self.device),
-            detok=IncrementalDetokenizer(self.tokenizer),
+            detok=IncrementalDetokenizer(self.tokenizer, self._hidden_ids),
         )
 
     # ---- model thread ----------------------------------------------------
@@ -506,8 +515,11 @@ class Engine:
 
     def _advance(self, seq: _Sequence, token: int) -> FinishReason | None:
         """Takes a sequence's next token: emits its text; returns why the
-        sequence ends here, or None to go on."""
-        if seq.forced is None and token in self._eos_ids:
+        sequence ends here, or None to go on. An end-of-sequence token ends it
+        unseen, unless it also delimits a tool call (gpt-oss's <|call|>): the
+        scheduler's parser needs that one, so its text goes out first."""
+        eos = seq.forced is None and token in self._eos_ids
+        if eos and token not in self._delimiter_ids:
             return FinishReason.STOP
         now = time.perf_counter()
         if not seq.generated:
@@ -520,12 +532,10 @@ class Engine:
         delta, delta_ids = seq.detok.push(token)
         if delta:
             self._emit(seq, Delta(delta, delta_ids))
-            stops = seq.request.sampling.stop
-            if stops:
-                longest = max(len(s) for s in stops)
-                seq.text_tail = (seq.text_tail + delta)[-(longest + len(delta)) :]
-                if any(s in seq.text_tail for s in stops):
-                    return FinishReason.STOP_STRING
+        if eos:
+            return FinishReason.STOP
+        if delta and _ends_at_stop_string(seq, delta):
+            return FinishReason.STOP_STRING
         if seq.forced is not None and len(seq.generated) == len(seq.forced):
             return FinishReason.FORCED_END
         if len(seq.generated) >= seq.limit:
@@ -609,6 +619,17 @@ def _drop_partial_step(kv: KVBatch) -> None:
         extra = layer.get_seq_length() - kv.columns
         if extra > 0:
             layer.crop(-extra)
+
+
+def _ends_at_stop_string(seq: _Sequence, delta: str) -> bool:
+    """Whether the output, `delta` included, now holds one of the request's
+    stop strings (kept tail: the longest stop string plus the delta)."""
+    stops = seq.request.sampling.stop
+    if not stops:
+        return False
+    longest = max(len(s) for s in stops)
+    seq.text_tail = (seq.text_tail + delta)[-(longest + len(delta)) :]
+    return any(s in seq.text_tail for s in stops)
 
 
 def _describe(error: Exception) -> str:

@@ -19,9 +19,18 @@ _TOOLS_PREAMBLE = (
 )
 
 
-def _template_takes_tools(tokenizer) -> bool:
-    template = tokenizer.chat_template or ""
-    return "tools" in template
+def template_text(tokenizer) -> str:
+    """The chat template's source; all of them where a tokenizer names
+    several (a "default" and a "tool_use", say)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        return "\n".join(template.values())
+    return template
+
+
+def template_takes_tools(tokenizer) -> bool:
+    """Whether the template describes tools itself; if not, the preamble does."""
+    return "tools" in template_text(tokenizer)
 
 
 def _as_dicts(messages: list[Message]) -> list[dict]:
@@ -69,7 +78,7 @@ def prompt_ids(tokenizer, messages: list[Message], tools: list[ToolDef]) -> list
 
 def _with_tools(tokenizer, dicts: list[dict], tools: list[ToolDef]) -> tuple[list[dict], dict]:
     """The messages and template arguments that describe the tools."""
-    if tools and _template_takes_tools(tokenizer):
+    if tools and template_takes_tools(tokenizer):
         return dicts, {"tools": [t.as_openai() for t in tools]}
     if tools:
         preamble = _TOOLS_PREAMBLE.format(tools="\n".join(json.dumps(t.as_openai()) for t in tools))

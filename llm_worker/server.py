@@ -20,6 +20,7 @@ from llm_worker.config import WorkerConfig
 from llm_worker.engine import Engine
 from llm_worker.loader import load
 from llm_worker.servicer import LlmWorkerServicer
+from llm_worker.tool_format import choose_tool_format
 
 log = structlog.get_logger("worker")
 
@@ -37,6 +38,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
         max_batch=config.max_batch,
         prefix_cache_tokens=config.prefix_cache_tokens,
         prefill_threads=config.prefill_threads,
+        tool_call_format=choose_tool_format(tokenizer, config.tool_call_format, label),
     )
     engine.warm_up()
     engine.start()

@@ -118,6 +118,7 @@ class LlmWorkerServicer(llm_worker_pb2_grpc.LlmWorkerServiceServicer):
         return llm_worker_pb2.GetModelInfoResponse(
             model=self.model_label,
             device=str(self.engine.device),
-            dtype=str(next(self.engine.model.parameters()).dtype).removeprefix("torch."),
+            dtype=str(self.engine.dtype).removeprefix("torch."),
             max_context_tokens=self.engine.max_context,
+            tool_call_format=self.engine.tool_call_format,
         )
