@@ -22,7 +22,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.envelopes import FORMATS
 from scheduler.gateway_client import GatewayClient, GatewayError
 from scheduler.run import Run, RunSpec
-from scheduler.tools import ToolInfo, default_envelopes
+from scheduler.tools import ToolInfo, default_envelopes, model_envelope
+from scheduler.worker_client import WorkerError
 
 log = structlog.get_logger("scheduler")
 
@@ -58,12 +59,30 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
         self.gateway = gateway
         self._tools: dict[str, ToolInfo] = {}
         self._tools_at = 0.0
+        self._model: Envelope | None = None  # the worker's model's tool-call format
+        self._model_at = 0.0
 
     async def _hosted_tools(self) -> dict[str, ToolInfo]:
         if not self._tools or time.monotonic() - self._tools_at > TOOLS_TTL_S:
             self._tools = await self.gateway.list_tools()
             self._tools_at = time.monotonic()
         return self._tools
+
+    async def _model_envelope(self) -> Envelope | None:
+        """The envelope of the format the worker says its model writes; None
+        (Hermes tags and fences) when it is unknown or not built in here."""
+        if not self._model_at or time.monotonic() - self._model_at > TOOLS_TTL_S:
+            reported = await self.worker.tool_call_format()
+            envelope = model_envelope(reported)
+            if envelope is None or envelope not in FORMATS:
+                log.warning(
+                    "the model's tool-call format is unknown here; falling back to the tag "
+                    "and fence formats",
+                    reported=reported,
+                )
+                envelope = None
+            self._model, self._model_at = envelope, time.monotonic()
+        return self._model
 
     async def Run(self, request, context):
         try:
@@ -74,12 +93,13 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
         structlog.contextvars.bind_contextvars(run_id=run_id)
         try:
             hosted = await self._hosted_tools()
-        except GatewayError as e:  # the run cannot start: its one event says why
+            model = None if request.envelopes else await self._model_envelope()
+        except (GatewayError, WorkerError) as e:  # the run cannot start: its one event says why
             log.warning("run failed", error=str(e))
             yield event_to_pb(ev.RunFinished(FinishReason.ERROR, str(e)), run_id, 0)
             return
         try:
-            spec = self._spec(request, run_id, hosted, context.time_remaining())
+            spec = self._spec(request, run_id, hosted, model, context.time_remaining())
         except BadRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         sequence = 0
@@ -127,7 +147,7 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
         if len(request.tool_names) > MAX_TOOL_NAMES:
             raise BadRequest(f"tool_names: {len(request.tool_names)} is over {MAX_TOOL_NAMES}")
 
-    def _spec(self, request, run_id, hosted, remaining) -> RunSpec:
+    def _spec(self, request, run_id, hosted, model: Envelope | None, remaining) -> RunSpec:
         if not request.messages:
             raise BadRequest("messages must not be empty")
         unknown = [n for n in request.tool_names if n not in hosted]
@@ -150,7 +170,7 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
             max_rounds=request.max_rounds or self.config.max_rounds,
             abort_retries=request.abort_retries,
             forced_completions=tuple(request.forced_completions),
-            envelopes=frozenset(envelopes) or default_envelopes(tools),
+            envelopes=frozenset(envelopes) or default_envelopes(tools, model),
             timeout=remaining if remaining is not None else self.config.run_timeout,
         )
 

@@ -36,11 +36,29 @@ def fence_tools(tools: dict[str, ToolInfo]) -> dict[str, str]:
     return out
 
 
-def default_envelopes(tools: dict[str, ToolInfo]) -> frozenset[Envelope]:
-    """Tool-call tags whenever there are tools (what tool-tuned templates
-    teach); fences when a tool runs a fenced language (what small chat
-    models write). Plans only on request: plan lines read like prose."""
-    envelopes = {Envelope.TAG} if tools else set()
+# The worker's names of the formats (GetModelInfo.tool_call_format); the
+# others are named as their envelope.
+_WORKER_FORMAT_NAMES = {"hermes": Envelope.TAG}
+
+
+def model_envelope(tool_call_format: str) -> Envelope | None:
+    """The envelope of the format a worker reports; None when unknown."""
+    name = _WORKER_FORMAT_NAMES.get(tool_call_format, tool_call_format)
+    try:
+        envelope = Envelope(name)
+    except ValueError:
+        return None
+    return None if envelope in (Envelope.FENCE, Envelope.PLAN) else envelope
+
+
+def default_envelopes(
+    tools: dict[str, ToolInfo], model: Envelope | None = Envelope.TAG
+) -> frozenset[Envelope]:
+    """The model's own tool-call format whenever there are tools (what its
+    template teaches; Hermes tags when the model's is unknown); fences when a
+    tool runs a fenced language (what small chat models write). Plans only on
+    request: plan lines read like prose."""
+    envelopes = {model or Envelope.TAG} if tools else set()
     if fence_tools(tools):
         envelopes.add(Envelope.FENCE)
     return frozenset(envelopes)

@@ -95,6 +95,21 @@ class WorkerClient:
         finally:
             call.cancel()  # dropping the stream stops decoding at the next step
 
+    async def tool_call_format(self, timeout: float = 10.0) -> str:
+        """The tool-call format the worker's model writes ("" when unknown)."""
+        try:
+            await wait_connected(
+                self._channel, "llm_worker", self._target, min(self._connect_timeout, timeout)
+            )
+            response = await self._stub.GetModelInfo(
+                llm_worker_pb2.GetModelInfoRequest(), timeout=timeout, metadata=outgoing_metadata()
+            )
+        except Unreachable as e:
+            raise WorkerError(str(e)) from None
+        except grpc.aio.AioRpcError as e:
+            raise WorkerError(f"llm_worker {e.code().name}: {e.details()}") from e
+        return response.tool_call_format
+
     async def abort(self, request_id: str) -> bool:
         try:
             response = await self._stub.Abort(

@@ -48,6 +48,8 @@ def check_unit(partial_mode: PartialMode, text: str) -> None:
         return
     try:
         compile(text, "<unit>", "exec", dont_inherit=True)
+    except (MemoryError, RecursionError, ValueError) as e:  # too deep for the compiler
+        raise ParseFailure(f"Python statement cannot be compiled: {type(e).__name__}") from None
     except SyntaxError as e:
         first = text.strip().splitlines()[0][:60] if text.strip() else ""
         raise ParseFailure(

@@ -22,11 +22,27 @@ class ParseFailure(ValueError):
 
 
 class UnitParser(Protocol):
+    """Fed every piece of a call's text once, in order, then finished once.
+
+    Malformed text: a parser raises ParseFailure and never any other
+    exception, whatever the input. The units handed out never depend on how
+    the text was cut into pieces, malformed text included: every unit that
+    is complete before the error's position is handed out, and none after
+    it. So the failure is deferred by one call: the feed() that meets an
+    error returns the units completed before it and keeps the failure; the
+    next feed() or finish() raises it (finish() always raises a kept one), as
+    does every call after. A caller that stops at the first ParseFailure
+    has then seen the same units for any split. (The parsers keep the
+    failure's message in `_failure` and check it first thing in both calls.)
+    """
+
     def feed(self, text: str) -> list[ParsedUnit]:
-        """Consumes the next piece of the call's text; returns the units it completed."""
+        """Consumes the next piece of the call's text; returns the units it
+        completed (those before an error in it; the error is raised next call)."""
 
     def finish(self) -> list[ParsedUnit]:
-        """The call's text ended; returns the units still open."""
+        """The call's text ended; returns the units still open, or raises the
+        kept ParseFailure, or one for text that ended too soon."""
 
 
 class WholeParser:

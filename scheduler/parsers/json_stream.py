@@ -8,7 +8,13 @@ It reports what partial execution needs as soon as the text shows it:
   escapes split across pieces included), or the raw text of any other value;
 - `End()`: the object closed.
 
-Malformed JSON raises ParseFailure with the offset and what was expected.
+Malformed JSON (RFC 8259, plus two limits: no key twice among the top-level
+fields, no nesting deeper than `MAX_DEPTH`) is a ParseFailure with the offset
+and what was expected, deferred as UnitParser says: the feed() that meets the
+error returns the events before it (a streamed value's text up to the bad
+character included) and the next feed() or finish() raises. Every value the
+scanner lets through is valid JSON that `json.loads` reads without trouble.
+
 Runs of string characters are skipped with one regex search, so the cost per
 piece is proportional to the piece (plus a constant), never to the prefix.
 """
@@ -20,6 +26,11 @@ import re
 from dataclasses import dataclass
 
 from scheduler.parsers.base import ParseFailure
+
+# The deepest nesting of objects and arrays a scanned object may have, itself
+# included: far more than any tool's arguments need, and far under what
+# `json.loads` (the tool's reader) and Python's recursion limit can take.
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +60,9 @@ class End:
 
 JsonEvent = Field | Element | Chunk | End
 
-_STRING_STOP = re.compile(r'["\\]')
+# A string's run ends at its quote, an escape, or a raw control character
+# (U+0000-U+001F), which RFC 8259 forbids unescaped.
+_STRING_STOP = re.compile(r'["\\\x00-\x1f]')
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _SCALAR = re.compile(r"[-+0-9.eEa-z]*")
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -89,9 +102,22 @@ class _Capture:
 
 
 class JsonObjectScanner:
-    def __init__(self, stream_keys: frozenset[str] = frozenset(), elements: bool = True):
+    def __init__(
+        self,
+        stream_keys: frozenset[str] = frozenset(),
+        elements: bool = True,
+        max_depth: int = MAX_DEPTH,
+        outer: int = 0,
+    ):
+        """`max_depth` bounds the nesting below the `outer` levels (the tool
+        call's own object around its arguments: 1)."""
         self._stream_keys = stream_keys
         self._elements = elements
+        self._max_depth = max_depth + outer
+        self._nesting_message = f"nested deeper than {max_depth} objects and arrays"
+        self.failure: str | None = None  # kept: the next feed() or finish() raises it
+        self._fail_at = 0  # where in the piece the kept failure is
+        self._keys: set[str] = set()  # the top-level keys seen
         self._stack: list[str] = []  # "{" / "["
         self._expect = _START
         self._after_comma = False  # a member must follow (no trailing comma)
@@ -118,41 +144,56 @@ class JsonObjectScanner:
         return self._expect == _DONE
 
     def feed(self, text: str) -> list[JsonEvent]:
+        if self.failure is not None:
+            raise ParseFailure(self.failure)
         events: list[JsonEvent] = []
-        i, n = 0, len(text)
-        while i < n:
-            if self._in_string:
-                i = self._string_run(text, i, events)
-                continue
-            ch = text[i]
-            if self._scalar is not None:
-                if ch in " \t\n\r,}]":
-                    self._end_scalar(text, i, events)
-                else:
-                    end = _SCALAR.match(text, i).end()
-                    if end == i:
-                        self._fail(f"unexpected {ch!r} in a literal", i)
-                    self._scalar.append(text[i:end])
-                    i = end
+        try:
+            i, n = 0, len(text)
+            while i < n:
+                if self._in_string:
+                    i = self._string_run(text, i, events)
                     continue
-            if ch in " \t\n\r":
-                i = _WHITESPACE.match(text, i).end()
-                continue
-            i = self._structural(ch, text, i, events)
-        if self._field.start is not None:
-            piece = self._field.carry(text)
-            if self._streaming and not self._string_value and piece:
-                events.append(Chunk(self._key, piece, False))
-        if self._element.start is not None:
-            self._element.carry(text)
-        self._offset += n
+                ch = text[i]
+                if self._scalar is not None:
+                    if ch in " \t\n\r,}]":
+                        self._end_scalar(text, i, events)
+                    else:
+                        end = _SCALAR.match(text, i).end()
+                        if end == i:
+                            self._fail(f"unexpected {ch!r} in a literal", i)
+                        self._scalar.append(text[i:end])
+                        i = end
+                        continue
+                if ch in " \t\n\r":
+                    i = _WHITESPACE.match(text, i).end()
+                    continue
+                i = self._structural(ch, text, i, events)
+            if self._field.start is not None:
+                piece = self._field.carry(text)
+                if self._streaming and not self._string_value and piece:
+                    events.append(Chunk(self._key, piece, False))
+            if self._element.start is not None:
+                self._element.carry(text)
+            self._offset += n
+        except ParseFailure as e:
+            self.failure = str(e)
+            field = self._field.start
+            if field is not None and self._streaming and not self._string_value:
+                if self._fail_at > field:  # the streamed value's text before the error
+                    events.append(Chunk(self._key, text[field : self._fail_at], False))
         return events
 
     def finish(self) -> None:
         """Raises ParseFailure unless the object is complete."""
+        if self.failure is not None:
+            raise ParseFailure(self.failure)
         if self._expect != _DONE:
             where = "inside a string" if self._in_string else "before the object closed"
-            self._fail(f"the text ended {where}")
+            try:
+                self._fail(f"the text ended {where}")
+            except ParseFailure as e:
+                self.failure = str(e)
+                raise
 
     # ---- structure -------------------------------------------------------
 
@@ -165,7 +206,7 @@ class JsonObjectScanner:
             if ch == '"':
                 self._start_string(is_key=False)
             elif ch in "{[":
-                self._open(ch)
+                self._open(ch, i)
             elif ch in "}]," or ch == ":":
                 self._fail(f"expected a value, got {ch!r}", i)
             else:
@@ -195,11 +236,13 @@ class JsonObjectScanner:
         if expect == _START:
             if ch != "{":
                 self._fail(f"expected '{{' to open the object, got {ch!r}", i)
-            self._open("{")
+            self._open("{", i)
             return i + 1
         self._fail(f"unexpected {ch!r} after the end of the object", i)
 
-    def _open(self, opener: str) -> None:
+    def _open(self, opener: str, i: int) -> None:
+        if len(self._stack) >= self._max_depth:
+            self._fail(self._nesting_message, i)
         self._stack.append(opener)
         self._expect = _KEY if opener == "{" else _VALUE
         self._after_comma = False
@@ -270,9 +313,16 @@ class JsonObjectScanner:
             self._emit_chars(text[i:end], events)
         if match is None:
             return end
-        if text[end] == "\\":
+        stop = text[end]
+        if stop == "\\":
             self._escape = "\\"
             return end + 1
+        if stop != '"':
+            what = "key" if self._is_key else "string"
+            self._fail(
+                f"raw control character U+{ord(stop):04X} inside a {what} (JSON needs it escaped)",
+                end,
+            )
         self._in_string = False  # the closing quote
         if self._high_surrogate:  # a high surrogate with no low one after it
             self._high_surrogate = 0
@@ -280,6 +330,9 @@ class JsonObjectScanner:
         if self._is_key:
             if len(self._stack) == 1:
                 self._key = "".join(self._key_chars)
+                if self._key in self._keys:
+                    self._fail(f"duplicate key {self._key!r}", end)
+                self._keys.add(self._key)
                 self._element_index = 0
             self._expect = _COLON
             self._after_comma = False
@@ -334,5 +387,5 @@ class JsonObjectScanner:
             events.append(Chunk(self._key, chars, True))
 
     def _fail(self, message: str, i: int = 0) -> None:
-        self._expect = _DONE
+        self._fail_at = i
         raise ParseFailure(f"malformed JSON at character {self._offset + i}: {message}")

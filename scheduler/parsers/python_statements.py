@@ -12,21 +12,29 @@ logical line at indentation 0 that is not `elif/else/except/finally`, or at
 the end of the call. Blank and comment-only lines travel with the statement
 after them (or with the open compound statement they sit in), so the units
 joined give back the input.
+
+Lines end as in Python's tokenizer: at "\n", "\r\n" or a lone "\r" (so a
+line ending in "\r" is complete only once the next character shows no "\n"
+belongs to it, or at the end of the call); a backslash before any of them
+continues the line. A form feed in a line's leading whitespace resets its
+column, so "\fx = 1" is not indented. A NUL character, which Python source
+cannot hold, is a ParseFailure, deferred as UnitParser says.
 """
 
 from __future__ import annotations
 
 import re
 
-from scheduler.parsers.base import ParsedUnit
+from scheduler.parsers.base import ParsedUnit, ParseFailure
 
 _COMPOUND = re.compile(r"(if|for|while|try|with|def|class|async)\b")
 _SOFT_COMPOUND = re.compile(r"(match)\b")  # `match = 3` is an assignment
 _CONTINUATION = re.compile(r"(elif|else|except|finally)\b")
 _DEFINITION = re.compile(r"(def|class|async|@)")
 _QUOTES = "'\""
-_PLAIN = re.compile(r"[^\n#'\"\\()\[\]{}]*")
-_STRING_BODY = {q: re.compile(rf"[^{q}\\\n]*") for q in _QUOTES}
+_PLAIN = re.compile(r"[^\r\n\x00#'\"\\()\[\]{}]*")
+_STRING_BODY = {q: re.compile(rf"[^{q}\\\r\n\x00]*") for q in _QUOTES}
+_COMMENT_BODY = re.compile(r"[^\r\n\x00]*")
 _OPEN = "([{"
 _CLOSE = ")]}"
 
@@ -48,20 +56,42 @@ class PythonStatementParser:
         self._comment = False
         self._backslash = False
         self._last_significant = ""  # last char of code (not comment, not space)
+        self._cr = False  # the last char was a "\r": a "\n" right after it is part of it
+        self._cr_ends = False  # ... and it ends the logical line (once that "\n" is seen or not)
+        self._offset = 0  # characters fed before this piece, for messages
+        self._failure: str | None = None  # kept: the next feed() or finish() raises it
 
     # ---- public ----------------------------------------------------------
 
     def feed(self, text: str) -> list[ParsedUnit]:
+        if self._failure is not None:
+            raise ParseFailure(self._failure)
         units: list[ParsedUnit] = []
         i, n = 0, len(text)
         while i < n:
+            if self._cr:
+                self._cr = False
+                if text[i] == "\n":
+                    self._line.append("\n")
+                    i += 1
+                if self._cr_ends:
+                    self._cr_ends = False
+                    self._end_logical_line(units)
+                continue
             end = self._skip_run(text, i)
             if end > i:
                 i = end
                 continue
-            if self._step(text[i]):
+            ch = text[i]
+            if ch == "\x00":  # raised by the next call; `units` go out now
+                self._failure = (
+                    f"Python source cannot contain a null character (character {self._offset + i})"
+                )
+                return units
+            if self._step(ch):
                 self._end_logical_line(units)
             i += 1
+        self._offset += n
         return units
 
     def _skip_run(self, text: str, i: int) -> int:
@@ -71,8 +101,7 @@ class PythonStatementParser:
         if self._opening or self._backslash or self._escape:
             return i
         if self._comment:
-            end = text.find("\n", i)
-            end = len(text) if end < 0 else end
+            end = _COMMENT_BODY.match(text, i).end()
         elif self._quote:
             end = _STRING_BODY[self._quote[0]].match(text, i).end()
             if end > i:
@@ -80,7 +109,7 @@ class PythonStatementParser:
         else:
             end = _PLAIN.match(text, i).end()
             if end > i:
-                code = text[i:end].rstrip(" \t\r\f")
+                code = text[i:end].rstrip(" \t\f")
                 if code:
                     self._last_significant = code[-1]
         if end > i:
@@ -88,9 +117,15 @@ class PythonStatementParser:
         return end
 
     def finish(self) -> list[ParsedUnit]:
+        if self._failure is not None:
+            raise ParseFailure(self._failure)
         units: list[ParsedUnit] = []
         if self._opening:
             self._settle_opening("")
+        self._cr = False
+        if self._cr_ends:
+            self._cr_ends = False
+            self._end_logical_line(units)
         if self._line:
             self._end_logical_line(units)
         self._flush(units)
@@ -110,6 +145,9 @@ class PythonStatementParser:
                 return False
             self._settle_opening(ch)
         self._line.append(ch)
+        if ch == "\r":  # a newline, as "\n" is
+            self._cr = True
+            ch = "\n"
         if self._quote:
             self._in_string(ch)
             return False
@@ -122,7 +160,7 @@ class PythonStatementParser:
             return self._newline()
         if self._backslash:
             self._backslash = False  # a backslash not before a newline: nothing special
-        if ch in " \t\r\f":
+        if ch in " \t\f":
             return False
         if ch == "#":
             self._comment = True
@@ -169,7 +207,12 @@ class PythonStatementParser:
         if self._backslash:
             self._backslash = False
             return False
-        return self._depth == 0
+        if self._depth:
+            return False
+        if self._cr:  # ends the line once the next char shows whether "\n" follows
+            self._cr_ends = True
+            return False
+        return True
 
     # ---- statements ------------------------------------------------------
 
@@ -182,7 +225,9 @@ class PythonStatementParser:
         if not stripped.strip() or stripped.startswith("#"):
             self._held.append(line)  # blank or comment: rides with what follows
             return
-        if len(stripped) < len(line):  # indented: part of the open compound statement
+        # A form feed resets the column, as in Python's tokenizer.
+        indent = line[: len(line) - len(stripped)].rpartition("\f")[2]
+        if indent:  # indented: part of the open compound statement
             self._held.append(line)
             if not self._held_compound:
                 self._flush(units)
@@ -219,10 +264,10 @@ class PythonStatementParser:
         if not self._held:
             return
         text = "".join(self._held)
-        self._held = []
-        if all(_is_blank_or_comment(line) for line in text.splitlines()):
+        if all(_is_blank_or_comment(line) for line in self._held):  # logical lines
             self._held = [text]  # nothing to run yet
             return
+        self._held = []
         units.append(ParsedUnit(self._index, text))
         self._index += 1
 

@@ -6,6 +6,11 @@ so a python call's first statement runs while the rest of its JSON-encoded
 code is still being decoded. Arguments written before the name are held and
 replayed once the name arrives. `arguments` may be an object or, as OpenAI
 writes it, a JSON-encoded string of one.
+
+Malformed JSON (a raw control character in any string, "name" or "arguments"
+twice, arguments nested deeper than `json_stream.MAX_DEPTH`), an unknown tool
+or bad arguments are a ParseFailure, deferred as UnitParser says: the units
+before the error are handed out first, for any split.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 from collections.abc import Callable
 
 from scheduler.parsers.base import ParsedUnit, ParseFailure, UnitParser
-from scheduler.parsers.json_stream import Chunk, Field, JsonObjectScanner
+from scheduler.parsers.json_stream import MAX_DEPTH, Chunk, Field, JsonObjectScanner
 
 
 class ToolCallTagParser:
@@ -22,11 +27,15 @@ class ToolCallTagParser:
         """`arguments_parser_for(name)` returns the parser for that tool's
         arguments, or raises ParseFailure for an unknown tool."""
         self._parser_for = arguments_parser_for
-        self._scanner = JsonObjectScanner(stream_keys=frozenset({"arguments"}), elements=False)
+        # The arguments sit one level down: they may nest as deep as on their own.
+        self._scanner = JsonObjectScanner(
+            stream_keys=frozenset({"arguments"}), elements=False, max_depth=MAX_DEPTH, outer=1
+        )
         self._arguments: UnitParser | None = None
         self._held: list[str] = []  # arguments text seen before the name
         self._text: list[str] = []  # the arguments text, for the call's full text
         self._arguments_done = False
+        self._failure: str | None = None  # kept: the next feed() or finish() raises it
         self.name = ""
 
     @property
@@ -34,40 +43,68 @@ class ToolCallTagParser:
         return "".join(self._text)
 
     def feed(self, text: str) -> list[ParsedUnit]:
+        if self._failure is not None:
+            raise ParseFailure(self._failure)
         units: list[ParsedUnit] = []
-        for event in self._scanner.feed(text):
-            if isinstance(event, Chunk):
-                self._text.append(event.text)
-                if self._arguments is None:
-                    self._held.append(event.text)
-                else:
-                    units += self._arguments.feed(event.text)
-            elif isinstance(event, Field) and event.key == "name":
-                units += self._named(event.raw)
-            elif isinstance(event, Field) and event.key == "arguments":
-                self._arguments_done = True
-                if self._arguments is not None:
-                    units += self._arguments.finish()
+        scanner = self._scanner
+        try:
+            for event in scanner.feed(text):  # those before an error, if any
+                if isinstance(event, Chunk):
+                    self._text.append(event.text)
+                    if self._arguments is None:
+                        self._held.append(event.text)
+                    else:
+                        units += self._arguments.feed(event.text)
+                elif isinstance(event, Field) and event.key == "name":
+                    self._named(event.raw, units)
+                elif isinstance(event, Field) and event.key == "arguments":
+                    self._arguments_done = True
+                    if self._arguments is not None:
+                        units += self._arguments.finish()
+            if scanner.failure is not None:
+                self._arguments_failure()
+                raise ParseFailure(scanner.failure)
+        except ParseFailure as e:
+            self._failure = str(e)  # raised by the next call; `units` go out now
         return units
 
-    def _named(self, raw: str) -> list[ParsedUnit]:
-        name = json.loads(raw)
+    def _arguments_failure(self) -> None:
+        """Raises the arguments parser's kept failure, if any: the text it was
+        given comes before any error of the JSON around it."""
+        if self._arguments is not None and not self._arguments_done:
+            self._arguments_done = True
+            self._arguments.feed("")
+
+    def _named(self, raw: str, units: list[ParsedUnit]) -> None:
+        try:
+            name = json.loads(raw)  # valid JSON: the scanner let it through
+        except (ValueError, RecursionError):
+            name = None
         if not isinstance(name, str) or not name:
             raise ParseFailure('the tool call\'s "name" must be a non-empty string')
-        if self.name:
-            raise ParseFailure('the tool call has two "name" fields')
         self.name = name
         self._arguments = self._parser_for(name)
-        units: list[ParsedUnit] = []
-        for piece in self._held:
+        held, self._held = self._held, []
+        for piece in held:
             units += self._arguments.feed(piece)
-        self._held = []
         if self._arguments_done:
             units += self._arguments.finish()
-        return units
 
     def finish(self) -> list[ParsedUnit]:
-        self._scanner.finish()
+        if self._failure is not None:
+            raise ParseFailure(self._failure)
+        try:
+            return self._finish()
+        except ParseFailure as e:
+            self._failure = str(e)
+            raise
+
+    def _finish(self) -> list[ParsedUnit]:
+        try:
+            self._scanner.finish()
+        except ParseFailure:
+            self._arguments_failure()
+            raise
         if not self.name:
             raise ParseFailure('the tool call has no "name"')
         if self._arguments_done:
