@@ -19,14 +19,22 @@ the tool's parameters, and cut into units by the tool's own arguments parser.
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from conveyor_common.types import Envelope, PartialMode
 from scheduler.envelopes import CallClosed, CallOpened, CallText, ScanEvent
-from scheduler.parsers import ParseFailure
+from scheduler.events import CallOutcome, ParseError, RunEvent
+from scheduler.parsers import ParsedUnit, ParseFailure, arguments_parser_for, check_unit, parser_for
 from scheduler.parsers.plan_steps import STEP_REF, split_call
 from scheduler.tools import ToolInfo
+
+if TYPE_CHECKING:
+    from scheduler.calls import Call, CallTable
 
 PLAN_TOOL = ToolInfo(
     name="plan",
@@ -154,3 +162,124 @@ def arguments_for(tool: ToolInfo, step: BoundStep) -> str:
 def summary(steps: dict[int, tuple[str, str]]) -> str:
     """What the model reads back: each step with its output."""
     return "\n".join(f"${n} = {text}\n→ {output}" for n, (text, output) in sorted(steps.items()))
+
+
+# ---- running a plan ---------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """A plan call's steps: each one's (ok, output), as it ends, and its text."""
+
+    results: dict[int, asyncio.Future] = field(default_factory=dict)
+    texts: dict[int, str] = field(default_factory=dict)
+    tool_steps: int = 0  # steps other than join(): a plan without any is a final answer
+
+
+class PlanRunner:
+    """Runs the plan calls of a run: the call table sends it a plan's steps
+    as units, and each step runs as a call of its tool in the same table."""
+
+    def __init__(
+        self,
+        table: CallTable,
+        emit: Callable[[RunEvent], None],
+        spawn: Callable[[Coroutine], None],
+    ):
+        self._table = table
+        self._emit = emit
+        self._spawn = spawn
+        self._plans: dict[str, _Plan] = {}
+
+    def start(self, call: Call) -> None:
+        """A plan call opened: its steps come in as its units."""
+        self._plans[call.call_id] = _Plan()
+        self._table.started(call, PLAN_TOOL, self)
+        call.parser = parser_for(PLAN_TOOL.partial_mode)
+
+    # CallTarget: where the table sends a plan call's units.
+
+    def unit(self, call: Call, unit: ParsedUnit) -> None:
+        plan = self._plans[call.call_id]
+        n = int(unit.field)
+        plan.results[n] = asyncio.get_running_loop().create_future()
+        plan.texts[n] = unit.text
+        if not unit.text.lstrip().startswith(JOIN + "("):
+            plan.tool_steps += 1
+        self._spawn(self._run_step(call, plan, n, unit))
+
+    def close(self, call: Call, full_text: str) -> None:
+        plan = self._plans[call.call_id]
+        call.final_answer = not plan.tool_steps
+        self._spawn(self._finish(call, plan))
+
+    def cancel(self, call: Call, reason: str) -> None:
+        pass  # its steps are calls of their own, cancelled as such
+
+    async def _run_step(self, call: Call, plan: _Plan, n: int, unit: ParsedUnit) -> None:
+        """Waits for the steps this one names, then runs it as a call of its tool."""
+        result = plan.results[n]
+        try:
+            inputs = {}
+            for d in unit.depends_on:
+                dep = plan.results.get(d)
+                if dep is None:
+                    raise ParseFailure(f"step ${n} uses ${d}, which the plan has not defined")
+                ok, output = await dep
+                if not ok:
+                    raise ParseFailure(f"step ${n} needs ${d}, which failed")
+                inputs[d] = output
+            step = bind(unit.text, inputs)
+            if step.tool == JOIN:
+                result.set_result((True, ""))
+                return
+            tool = self._table.tools.get(step.tool)
+            if tool is None:
+                known = ", ".join(sorted(self._table.tools)) or "none"
+                raise ParseFailure(f"step ${n}: unknown tool {step.tool!r}; available: {known}")
+            result.set_result(await self._step_call(call, n, tool, arguments_for(tool, step)))
+        except ParseFailure as e:
+            result.set_result((False, str(e)))
+
+    async def _step_call(self, plan: Call, n: int, tool: ToolInfo, arguments: str):
+        table = self._table
+        call = table.new_call(f"{plan.call_id}.{n}", plan.round, plan.envelope, step=True)
+        # A session of its own: independent steps of one tool run in parallel
+        # (a shared interpreter would run them one after another).
+        table.start_tool_call(call, tool, session_key="")
+        parser = arguments_parser_for(tool.partial_mode, tool.command_field)
+        call.parser, call.text = parser, [arguments]
+        try:
+            units = parser.feed(arguments) + parser.finish()
+            for unit in units:
+                check_unit(tool.partial_mode, unit.text)
+        except ParseFailure as e:
+            table.parse_failed(call, str(e))
+        else:
+            for unit in units:
+                table.dispatch(call, unit, time.perf_counter())
+            table.close(call)
+        outcome = await call.outcome
+        if isinstance(outcome, ParseError):
+            return False, f"error: {outcome.message}"
+        if outcome.error_code:
+            return False, f"error ({outcome.error_code}): {outcome.error_message}"
+        return outcome.ok, outcome.output
+
+    async def _finish(self, call: Call, plan: _Plan) -> None:
+        """The plan is complete and its steps dispatched: its outcome, once
+        every step has ended, is what the model reads back."""
+        results = [await plan.results[n] for n in sorted(plan.results)]
+        outputs = {
+            n: (plan.texts[n], output)
+            for n, (_, output) in zip(sorted(plan.results), results, strict=True)
+        }
+        outcome = CallOutcome(
+            call.call_id,
+            all(ok for ok, _ in results),
+            output=summary(outputs),
+            units_executed=len(results),
+        )
+        self._emit(outcome)
+        if not call.outcome.done():
+            call.outcome.set_result(outcome)
