@@ -464,3 +464,22 @@ def test_a_statement_too_deep_to_compile_is_a_parse_failure():
 
     with pytest.raises(ParseFailure, match="cannot be compiled"):
         check_unit("PYTHON_STATEMENTS", "x = " + "-" * 100_000 + "1")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 80), max_size=20))
+def test_plan_steps_before_an_error_are_handed_out_for_any_split(cuts):
+    from scheduler.parsers import PlanStepParser
+
+    text = '$1 = search("a")\n$2 = search("b")\n$3 = search("c" ]\n$4 = join()\n'
+    units, failed = [], False
+    parser, start = PlanStepParser(), 0
+    try:
+        for cut in [*sorted(set(c for c in cuts if c < len(text))), len(text)]:
+            units += parser.feed(text[start:cut])
+            start = cut
+        units += parser.finish()
+    except ParseFailure:
+        failed = True
+    assert failed
+    assert [u.field for u in units] == ["1", "2"]

@@ -74,9 +74,21 @@ class PlanStepParser:
         self._ids: set[int] = set()
         self._newlines = 0  # newlines before self._counted in the current delta
         self._counted = 0
+        self._failure = ""  # the kept ParseFailure's message, raised on the next call
 
     def feed(self, text: str) -> list[ParsedUnit]:
+        # A failure is raised one call late, so the steps before it are handed
+        # out whatever the split (see UnitParser).
+        if self._failure:
+            raise ParseFailure(self._failure)
         units: list[ParsedUnit] = []
+        try:
+            self._feed(text, units)
+        except ParseFailure as e:
+            self._failure = str(e)
+        return units
+
+    def _feed(self, text: str, units: list[ParsedUnit]) -> None:
         state = self._state
         i, n = 0, len(text)
         start = 0  # where the current header or step's part of `text` starts
@@ -193,9 +205,10 @@ class PlanStepParser:
         self._state = state
         self._newlines += text.count("\n", self._counted)
         self._counted = 0
-        return units
 
     def finish(self) -> list[ParsedUnit]:
+        if self._failure:
+            raise ParseFailure(self._failure)
         units: list[ParsedUnit] = []
         state = self._state
         if state == _OPENING and self._quotes == 2:  # an empty string
