@@ -29,7 +29,10 @@ class Generation:
         spec = self._run.spec
         if Envelope.PLAN in spec.envelopes:
             return PlanScanner()
-        context = ScanContext(fence_tools=fence_tools(spec.tools))
+        context = ScanContext(
+            fence_tools=fence_tools(spec.tools),
+            tool_schemas={name: tool.parameters for name, tool in spec.tools.items()},
+        )
         return EnvelopeScanner(formats_named(spec.envelopes), context)
 
     async def run(self, messages: list[Message]) -> tuple[str, WorkerDone]:

@@ -10,8 +10,9 @@ import pytest
 
 from bench.parsers import inputs, measure
 from bench.parsers.__main__ import main
+from bench.parsers.formats import FormatPipeline, available
 
-ALL_KEYS = {spec[0] for spec in inputs.SPECS}
+ALL_KEYS = {spec[0] for spec in inputs.all_specs()}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,16 @@ def test_inputs_are_real_and_valid():
     ast.parse(code)
     assert ";" in inputs.build("SQL_STATEMENTS", 1).text
     assert inputs.build("PLAN_STEPS", 1).text.startswith("$1 = ")
+
+
+@pytest.mark.parametrize("name", available())
+def test_each_format_row_cuts_its_call_into_the_codes_statements(name):
+    text = inputs.build(f"FORMAT:{name}", 1).text
+    code = inputs.python_source(1024)
+    pipeline = FormatPipeline(name)
+    units = [u for ch in text for u in pipeline.feed(ch)] + pipeline.finish()
+    assert "".join(u.text for u in units) == code
+    assert len(units) == len(ast.parse(code).body)
 
 
 def test_token_deltas_rebuild_the_text(tokenizer):

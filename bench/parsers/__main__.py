@@ -27,6 +27,10 @@ def parser_factory(mode: str, command_field: str) -> tuple[Callable[[], object] 
         from scheduler.parsers import parser_for
     except Exception as e:  # the package itself is broken or half-written
         return None, f"scheduler.parsers cannot be imported ({type(e).__name__}: {e})"
+    if mode == inputs.FORMAT_MODE:  # a tool-call format, named by command_field
+        from bench.parsers.formats import FormatPipeline
+
+        return (lambda: FormatPipeline(command_field)), ""
 
     def make():
         return parser_for(mode, command_field=command_field) if command_field else parser_for(mode)
@@ -57,13 +61,12 @@ def run(
     reps = 2 if quick else 5
     min_samples = 1_000 if quick else 20_000  # per-delta timings per row, at least
     baseline_reps = 1 if quick else 3
-    specs = [s for s in inputs.SPECS if keys is None or s[0] in keys]
+    every = inputs.all_specs()
+    specs = [s for s in every if keys is None or s[0] in keys]
     if keys is not None:
-        unknown = set(keys) - {s[0] for s in inputs.SPECS}
+        unknown = set(keys) - {s[0] for s in every}
         if unknown:
-            raise ValueError(
-                f"unknown modes {sorted(unknown)}; known: {[s[0] for s in inputs.SPECS]}"
-            )
+            raise ValueError(f"unknown modes {sorted(unknown)}; known: {[s[0] for s in every]}")
 
     factories: dict[str, Callable[[], object]] = {}
     skipped: list[dict] = []

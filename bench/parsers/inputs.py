@@ -321,8 +321,30 @@ SPECS: tuple[tuple[str, str, str, str, Callable[[int], str]], ...] = (
 )
 
 
+FORMAT_MODE = "FORMAT"  # a row of a tool-call format: its command_field names it
+
+
+def format_specs(names: list[str]) -> tuple[tuple[str, str, str, str, Callable[[int], str]], ...]:
+    """A row per tool-call format: a python call of stdlib source, written
+    in that format (bench/parsers/formats.py renders it)."""
+    from bench.parsers.formats import RENDER
+
+    def builder(name: str) -> Callable[[int], str]:
+        return lambda budget: RENDER[name](python_source(budget))
+
+    return tuple(
+        (f"FORMAT:{n}", FORMAT_MODE, n, f"python call, {n} format", builder(n)) for n in names
+    )
+
+
+def all_specs() -> tuple[tuple[str, str, str, str, Callable[[int], str]], ...]:
+    from bench.parsers.formats import available
+
+    return SPECS + format_specs(available())
+
+
 def build(key: str, size_kb: int) -> BenchInput:
-    for k, mode, command_field, label, builder in SPECS:
+    for k, mode, command_field, label, builder in all_specs():
         if k == key:
             return BenchInput(k, mode, command_field, label, builder(size_kb * KB))
     raise KeyError(key)

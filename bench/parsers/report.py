@@ -14,7 +14,8 @@ def goals(rows: list[dict]) -> dict:
     for row in rows:
         by_key.setdefault(row["key"], []).append(row)
     median = []
-    for key in MEDIAN_GOAL_KEYS:
+    formats = sorted(k for k in by_key if k.startswith("FORMAT:"))  # every tool-call format
+    for key in (*MEDIAN_GOAL_KEYS, *formats):
         if key not in by_key:
             continue
         worst = max(by_key[key], key=lambda r: r["ours"]["median_us"])

@@ -50,6 +50,9 @@ class ScanContext:
     """What a region may need to know of the run."""
 
     fence_tools: dict[str, str] = field(default_factory=dict)  # fence language -> tool
+    # tool -> its arguments' JSON schema (ToolInfo.parameters): formats whose
+    # arguments carry no types (XML parameters) type their values by it.
+    tool_schemas: dict[str, dict] = field(default_factory=dict)
 
 
 class Region(ABC):
@@ -79,10 +82,15 @@ class EnvelopeFormat:
 
 
 def partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of marker."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
+    """Length of the longest suffix of text that is a proper prefix of marker.
+    Only places holding the marker's first character are tried (usually
+    none), so this costs about one `find` per delta."""
+    end = len(text)
+    at = text.find(marker[0], max(0, end - len(marker) + 1))
+    while at >= 0:
+        if marker.startswith(text[at:]):
+            return end - at
+        at = text.find(marker[0], at + 1)
     return 0
 
 
