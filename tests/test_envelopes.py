@@ -87,11 +87,42 @@ def test_any_split_gives_the_same_events(cuts):
     assert scan(OUTPUT, cuts) == scan(OUTPUT, [])
 
 
-def test_a_tag_call_opens_as_soon_as_its_marker_is_complete():
+def test_a_tag_call_opens_with_its_first_character():
     scanner = scanner_for()
     assert scanner.feed("text <tool_") == []
-    assert scanner.feed("call>") == [TAG]
-    assert scanner.feed('{"name"') == [CallText('{"name"')]
+    assert scanner.feed("call> ") == []  # a call, or a list of calls?
+    assert scanner.feed('{"name"') == [TAG, CallText('{"name"')]
+
+
+LIST = (
+    '<tool_call>\n[{"name": "a", "arguments": {"s": "]}, {\\""}},\n'
+    ' {"name": "b", "arguments": {"x": [1, {"y": 2}]}}, 7]\n</tool_call> after'
+)
+
+
+def test_a_list_of_calls_in_one_tag_is_a_call_each():
+    assert scan(LIST, []) == [
+        TAG,
+        CallText('{"name": "a", "arguments": {"s": "]}, {\\""}}'),
+        CallClosed(),
+        TAG,
+        CallText('{"name": "b", "arguments": {"x": [1, {"y": 2}]}}'),
+        CallClosed(),
+        TAG,
+        CallText("7"),  # not a call object: its parser says so
+        CallClosed(),
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, len(LIST)), max_size=40))
+def test_a_list_of_calls_gives_the_same_events_for_any_split(cuts):
+    assert scan(LIST, cuts) == scan(LIST, [])
+
+
+def test_a_list_cut_short_closes_its_open_call():
+    events = scan('<tool_call>[{"name": "a", "argu', [])
+    assert events == [TAG, CallText('{"name": "a", "argu'), CallClosed()]
 
 
 def test_unknown_format_names_are_refused_naming_the_known():

@@ -1,4 +1,6 @@
-"""The JSON inside `<tool_call>…</tool_call>`: `{"name": …, "arguments": …}`.
+"""The JSON inside `<tool_call>…</tool_call>`: `{"name": …, "arguments": …}`,
+or with `"parameters"` for `"arguments"` (as Llama-style templates write it),
+or in OpenAI's nesting `{"type": "function", "function": {"name": …, …}}`.
 
 The tool's name is known as soon as its string closes; from then on the
 arguments stream into the tool's own parser (`arguments_parser_for(name)`),
@@ -22,6 +24,11 @@ from scheduler.parsers.base import ParsedUnit, ParseFailure, UnitParser
 from scheduler.parsers.json_stream import MAX_DEPTH, Chunk, Field, JsonObjectScanner
 
 
+# Either names the arguments object; "function" holds a whole call (OpenAI).
+ARGUMENT_KEYS = frozenset({"arguments", "parameters"})
+_STREAMED = ARGUMENT_KEYS | {"function"}
+
+
 class ToolCallTagParser:
     def __init__(self, arguments_parser_for: Callable[[str], UnitParser]):
         """`arguments_parser_for(name)` returns the parser for that tool's
@@ -29,8 +36,10 @@ class ToolCallTagParser:
         self._parser_for = arguments_parser_for
         # The arguments sit one level down: they may nest as deep as on their own.
         self._scanner = JsonObjectScanner(
-            stream_keys=frozenset({"arguments"}), elements=False, max_depth=MAX_DEPTH, outer=1
+            stream_keys=_STREAMED, elements=False, max_depth=MAX_DEPTH, outer=1
         )
+        self._arguments_key = ""  # "arguments" or "parameters", whichever came
+        self._nested: ToolCallTagParser | None = None  # OpenAI's {"function": {...}}
         self._arguments: UnitParser | None = None
         self._held: list[str] = []  # arguments text seen before the name
         self._text: list[str] = []  # the arguments text, for the call's full text
@@ -40,6 +49,8 @@ class ToolCallTagParser:
 
     @property
     def arguments_text(self) -> str:
+        if self._nested is not None:
+            return self._nested.arguments_text
         return "".join(self._text)
 
     def feed(self, text: str) -> list[ParsedUnit]:
@@ -49,7 +60,10 @@ class ToolCallTagParser:
         scanner = self._scanner
         try:
             for event in scanner.feed(text):  # those before an error, if any
-                if isinstance(event, Chunk):
+                if getattr(event, "key", "") == "function":
+                    units += self._function(event)
+                elif isinstance(event, Chunk):
+                    self._arguments_from(event.key)
                     self._text.append(event.text)
                     if self._arguments is None:
                         self._held.append(event.text)
@@ -57,7 +71,8 @@ class ToolCallTagParser:
                         units += self._arguments.feed(event.text)
                 elif isinstance(event, Field) and event.key == "name":
                     self._named(event.raw, units)
-                elif isinstance(event, Field) and event.key == "arguments":
+                elif isinstance(event, Field) and event.key in ARGUMENT_KEYS:
+                    self._arguments_from(event.key)
                     self._arguments_done = True
                     if self._arguments is not None:
                         units += self._arguments.finish()
@@ -67,6 +82,23 @@ class ToolCallTagParser:
         except ParseFailure as e:
             self._failure = str(e)  # raised by the next call; `units` go out now
         return units
+
+    def _arguments_from(self, key: str) -> None:
+        if self._arguments_key and key != self._arguments_key:
+            raise ParseFailure('the tool call has both "arguments" and "parameters"')
+        if self._nested is not None:
+            raise ParseFailure('the tool call has both "function" and its own fields')
+        self._arguments_key = key
+
+    def _function(self, event) -> list[ParsedUnit]:
+        """OpenAI's nesting: the call object is the "function" field's value."""
+        if self.name or self._arguments_key:
+            raise ParseFailure('the tool call has both "function" and its own fields')
+        if self._nested is None:
+            self._nested = ToolCallTagParser(self._parser_for)
+        if isinstance(event, Chunk):
+            return self._nested.feed(event.text)
+        return []  # the Field that ends it: its finish comes with ours
 
     def _arguments_failure(self) -> None:
         """Raises the arguments parser's kept failure, if any: the text it was
@@ -105,6 +137,8 @@ class ToolCallTagParser:
         except ParseFailure:
             self._arguments_failure()
             raise
+        if self._nested is not None:
+            return self._nested.finish()
         if not self.name:
             raise ParseFailure('the tool call has no "name"')
         if self._arguments_done:
