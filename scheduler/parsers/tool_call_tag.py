@@ -23,7 +23,6 @@ from collections.abc import Callable
 from scheduler.parsers.base import ParsedUnit, ParseFailure, UnitParser
 from scheduler.parsers.json_stream import MAX_DEPTH, Chunk, Field, JsonObjectScanner
 
-
 # Either names the arguments object; "function" holds a whole call (OpenAI).
 ARGUMENT_KEYS = frozenset({"arguments", "parameters"})
 _STREAMED = ARGUMENT_KEYS | {"function"}
