@@ -39,7 +39,7 @@ from scheduler.envelopes.base import (
     Region,
     ScanEvent,
 )
-from scheduler.envelopes.mistral import JsonExtent, marker_at
+from scheduler.envelopes.markers import JsonExtent, marker_at
 
 CALLS_BEGIN = "<\uff5ctool\u2581calls\u2581begin\uff5c>"
 CALLS_END = "<\uff5ctool\u2581calls\u2581end\uff5c>"

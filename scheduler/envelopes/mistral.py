@@ -42,6 +42,7 @@ from scheduler.envelopes.base import (
     Region,
     ScanEvent,
 )
+from scheduler.envelopes.markers import JsonExtent, marker_at
 from scheduler.parsers.base import ParseFailure
 from scheduler.parsers.json_stream import MAX_DEPTH, Chunk, Field, JsonObjectScanner
 
@@ -53,81 +54,6 @@ MAX_NAME = 256  # characters of a name (or call id) before it is given up
 
 _BLANK = re.compile(r"[ \t\r\n]*")
 _NAME_STOP = re.compile(r"[\[{<\n]")  # what may end a v11 name or call id
-
-
-class JsonExtent:
-    """Where one JSON object or array written in pieces ends: the depth of
-    its braces and brackets outside strings, each character looked at once.
-    It validates nothing (the call's parser does): it only finds the end.
-
-    `advance` can also stop at a `<` (outside strings, or everywhere with
-    `stop_in_strings`), where the caller looks for its format's markers."""
-
-    _OUTSIDE = re.compile(r'[{}\[\]"<]')
-    _INSIDE = re.compile(r'["\\]')
-    _INSIDE_STOP = re.compile(r'["\\<]')
-
-    def __init__(self, stop_in_strings: bool = False):
-        self.done = False
-        self._depth = 0
-        self._in_string = False
-        self._escape = False
-        self._inside = self._INSIDE_STOP if stop_in_strings else self._INSIDE
-
-    def advance(self, text: str, i: int) -> int:
-        """Reads text from i; returns the index just after the value's end
-        (then `done`), the index of a `<` to look at, or len(text)."""
-        n = len(text)
-        while i < n:
-            if self._escape:
-                self._escape = False
-                i += 1
-                continue
-            if self._in_string:
-                m = self._inside.search(text, i)
-                if m is None:
-                    return n
-                i = m.start()
-                ch = text[i]
-                if ch == "<":
-                    return i
-                if ch == "\\":
-                    self._escape = True
-                else:
-                    self._in_string = False
-                i += 1
-                continue
-            m = self._OUTSIDE.search(text, i)
-            if m is None:
-                return n
-            i = m.start()
-            ch = text[i]
-            if ch == "<":
-                return i
-            if ch == '"':
-                self._in_string = True
-            elif ch in "{[":
-                self._depth += 1
-            else:
-                self._depth -= 1
-                if self._depth <= 0:
-                    self.done = True
-                    return i + 1
-            i += 1
-        return n
-
-
-def marker_at(text: str, i: int, markers: tuple[str, ...]) -> str | None:
-    """The marker written at text[i:]; "" when text ends in a proper prefix
-    of one (wait for more); None when none is there."""
-    partial = False
-    left = len(text) - i
-    for marker in markers:
-        if text.startswith(marker, i):
-            return marker
-        if left < len(marker) and marker.startswith(text[i:]):  # a short slice
-            partial = True
-    return "" if partial else None
 
 
 def _opened(name: str) -> CallOpened:
