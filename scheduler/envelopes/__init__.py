@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from scheduler.envelopes import deepseek, fence, harmony, mistral, qwen3_coder, tag
+from scheduler.envelopes import (
+    deepseek,
+    fence,
+    harmony,
+    llama3_json,
+    mistral,
+    pythonic,
+    qwen3_coder,
+    tag,
+)
 from scheduler.envelopes.base import (
     CallBody,
     CallClosed,
@@ -26,7 +35,7 @@ from scheduler.envelopes.base import (
 )
 from scheduler.envelopes.scanner import EnvelopeScanner
 
-_MODULES = (fence, tag, mistral, qwen3_coder, deepseek, harmony)
+_MODULES = (fence, tag, llama3_json, pythonic, mistral, qwen3_coder, deepseek, harmony)
 FORMATS: dict[str, EnvelopeFormat] = {m.FORMAT.name: m.FORMAT for m in _MODULES}
 
 

@@ -79,6 +79,7 @@ class EnvelopeFormat:
     region: Callable[[str, ScanContext], Region]  # (the marker matched, the run's context)
     at_line_start: bool = False  # a marker counts only at the start of a line
     at_output_start: bool = False  # ... only before any other non-blank output
+    anywhere: tuple[str, ...] = ()  # markers (of `starts`) exempt from the two above
 
 
 def partial_suffix(text: str, marker: str) -> int:

@@ -88,13 +88,15 @@ class EnvelopeScanner:
     def _find(self, buf: str, fmt: EnvelopeFormat, marker: str) -> int:
         """The first place in buf where `marker` counts for `fmt`, or -1."""
         at = buf.find(marker)
-        while at >= 0 and not self._counts(buf, at, fmt):
+        while at >= 0 and not self._counts(buf, at, fmt, marker):
             if fmt.at_output_start:
                 return -1  # later places come after other output
             at = buf.find(marker, at + 1)
         return at
 
-    def _counts(self, buf: str, at: int, fmt: EnvelopeFormat) -> bool:
+    def _counts(self, buf: str, at: int, fmt: EnvelopeFormat, marker: str) -> bool:
+        if marker in fmt.anywhere:
+            return True
         if fmt.at_line_start and not (buf[at - 1] == "\n" if at else self._line_start):
             return False
         if fmt.at_output_start and not (self._output_start and not buf[:at].strip()):
@@ -103,7 +105,7 @@ class EnvelopeScanner:
 
     def _partial(self, buf: str, fmt: EnvelopeFormat, marker: str) -> int:
         n = partial_suffix(buf, marker)
-        return n if n and self._counts(buf, len(buf) - n, fmt) else 0
+        return n if n and self._counts(buf, len(buf) - n, fmt, marker) else 0
 
     def _consumed(self, text: str) -> None:
         if text:
