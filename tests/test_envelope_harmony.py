@@ -22,6 +22,7 @@ from scheduler.envelopes import (
 )
 from scheduler.envelopes.harmony import FORMAT, MAX_HEADER, recipient
 from scheduler.parsers import ParseFailure, PythonStatementParser, parser_for
+from tests.envelope_helpers import merged, scan_cut
 from tests.test_integration import FILLER, collect, run_request, unit_results
 
 CONTEXT = ScanContext(fence_tools={"python": "python"})
@@ -34,23 +35,8 @@ def function(tool: str) -> CallOpened:
 PYTHON = CallOpened(Envelope.HARMONY, "python", CallBody.COMMAND)
 
 
-def merged(events: list) -> list:
-    out: list = []
-    for e in events:  # text may arrive in any number of pieces
-        if isinstance(e, CallText) and out and isinstance(out[-1], CallText):
-            out[-1] = CallText(out[-1].text + e.text)
-        else:
-            out.append(e)
-    return out
-
-
 def scan(text: str, cuts: list[int] = (), context: ScanContext = CONTEXT) -> list:
-    scanner = EnvelopeScanner([FORMAT], context)
-    events, start = [], 0
-    for cut in sorted(set(cuts)) + [len(text)]:
-        events += scanner.feed(text[start:cut])
-        start = cut
-    return merged(events + scanner.finish())
+    return scan_cut(EnvelopeScanner([FORMAT], context), text, cuts)
 
 
 def scan_by_char(text: str, context: ScanContext = CONTEXT) -> list:

@@ -23,6 +23,7 @@ from scheduler.envelopes import (
     llama3_json,
 )
 from scheduler.parsers import ParseFailure, ToolCallTagParser, arguments_parser_for
+from tests.envelope_helpers import scan_cut
 from tests.test_integration import FILLER, call_outputs, collect, kinds, run_request, unit_results
 
 # Until the lead registers the module, the scheduler of these tests knows it
@@ -43,23 +44,8 @@ def scanner(*formats) -> EnvelopeScanner:
     return EnvelopeScanner(formats or (FORMAT,), ScanContext(fence_tools={"python": "python"}))
 
 
-def merged(events: list) -> list:
-    out: list = []
-    for e in events:  # text may arrive in any number of pieces
-        if isinstance(e, CallText) and out and isinstance(out[-1], CallText):
-            out[-1] = CallText(out[-1].text + e.text)
-        else:
-            out.append(e)
-    return out
-
-
 def scan(text: str, cuts=(), formats=()) -> list:
-    s = scanner(*formats)
-    events, start = [], 0
-    for cut in sorted(set(cuts)) + [len(text)]:
-        events += s.feed(text[start:cut])
-        start = cut
-    return merged(events + s.finish())
+    return scan_cut(scanner(*formats), text, cuts)
 
 
 def calls(events: list) -> list[tuple[CallOpened, str]]:

@@ -21,6 +21,7 @@ from scheduler.envelopes import (
     mistral,
 )
 from scheduler.envelopes.mistral import FORMAT
+from tests.envelope_helpers import merged, scan_cut
 from tests.test_integration import (  # noqa: F401
     FILLER,
     collect,
@@ -44,23 +45,8 @@ def call(name: str, arguments: str) -> list:
     return [opened(name), CallText(arguments), CallClosed()]
 
 
-def merged(events: list) -> list:
-    out: list = []
-    for e in events:  # text may arrive in any number of pieces
-        if isinstance(e, CallText) and out and isinstance(out[-1], CallText):
-            out[-1] = CallText(out[-1].text + e.text)
-        else:
-            out.append(e)
-    return out
-
-
 def scan(text: str, cuts: list[int] = ()) -> list:
-    scanner = EnvelopeScanner([FORMAT], ScanContext())
-    events, start = [], 0
-    for cut in sorted(set(cuts)) + [len(text)]:
-        events += scanner.feed(text[start:cut])
-        start = cut
-    return merged(events + scanner.finish())
+    return scan_cut(EnvelopeScanner([FORMAT], ScanContext()), text, cuts)
 
 
 def well_formed(events: list) -> bool:

@@ -24,6 +24,7 @@ from scheduler.envelopes import (
     pythonic,
 )
 from scheduler.parsers import JsonFieldsParser, ParseFailure, arguments_parser_for
+from tests.envelope_helpers import scan_cut
 from tests.test_integration import FILLER, call_outputs, collect, kinds, run_request, unit_results
 
 # Until the lead registers the module, the scheduler of these tests knows it
@@ -37,23 +38,12 @@ def opened(tool: str) -> CallOpened:
     return CallOpened(Envelope.PYTHONIC, tool, CallBody.ARGUMENTS)
 
 
-def merged(events: list) -> list:
-    out: list = []
-    for e in events:  # text may arrive in any number of pieces
-        if isinstance(e, CallText) and out and isinstance(out[-1], CallText):
-            out[-1] = CallText(out[-1].text + e.text)
-        else:
-            out.append(e)
-    return out
-
-
 def scan(text: str, cuts=(), formats=()) -> list:
-    s = EnvelopeScanner(formats or (FORMAT,), ScanContext(fence_tools={"python": "python"}))
-    events, start = [], 0
-    for cut in sorted(set(cuts)) + [len(text)]:
-        events += s.feed(text[start:cut])
-        start = cut
-    return merged(events + s.finish())
+    return scan_cut(
+        EnvelopeScanner(formats or (FORMAT,), ScanContext(fence_tools={"python": "python"})),
+        text,
+        cuts,
+    )
 
 
 def calls(events: list) -> list[tuple[str, str]]:

@@ -27,6 +27,7 @@ from scheduler.parsers import (
     PythonStatementParser,
     arguments_parser_for,
 )
+from tests.envelope_helpers import merged, scan_cut
 from tests.test_integration import FILLER, collect, run_request, unit_results
 
 WEATHER = {
@@ -53,23 +54,8 @@ def opened(tool: str) -> CallOpened:
     return CallOpened(Envelope.QWEN3_CODER, tool, CallBody.ARGUMENTS)
 
 
-def merged(events: list) -> list:
-    out: list = []
-    for e in events:  # text may arrive in any number of pieces
-        if isinstance(e, CallText) and out and isinstance(out[-1], CallText):
-            out[-1] = CallText(out[-1].text + e.text)
-        else:
-            out.append(e)
-    return out
-
-
 def scan(text: str, cuts: list[int] = (), context: ScanContext = CONTEXT) -> list:
-    scanner = EnvelopeScanner([FORMAT], context)
-    events, start = [], 0
-    for cut in sorted(set(cuts)) + [len(text)]:
-        events += scanner.feed(text[start:cut])
-        start = cut
-    return merged(events + scanner.finish())
+    return scan_cut(EnvelopeScanner([FORMAT], context), text, cuts)
 
 
 def scan_by_char(text: str, context: ScanContext = CONTEXT) -> list:

@@ -16,6 +16,7 @@ from scheduler.envelopes import (
     ScanContext,
     formats_named,
 )
+from tests.envelope_helpers import scan_cut
 
 OUTPUT = (
     "Sure! Here is code:\n```python\nx = 1\nprint(x)\n```\n"
@@ -35,19 +36,7 @@ TAG = CallOpened("tag", "", CallBody.CALL_JSON)
 
 
 def scan(text: str, cuts: list[int]) -> list:
-    scanner = scanner_for()
-    events, start = [], 0
-    for cut in sorted(set(cuts)) + [len(text)]:
-        events += scanner.feed(text[start:cut])
-        start = cut
-    events += scanner.finish()
-    merged: list = []
-    for e in events:  # text may arrive in any number of pieces
-        if isinstance(e, CallText) and merged and isinstance(merged[-1], CallText):
-            merged[-1] = CallText(merged[-1].text + e.text)
-        else:
-            merged.append(e)
-    return merged
+    return scan_cut(scanner_for(), text, cuts)
 
 
 def test_fences_and_tags_are_found():
