@@ -12,7 +12,7 @@ import pytest
 from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 
 from conveyor_common.server import stop_server
-from scheduler.parsers import arguments_parser_for
+from scheduler.parsers import ParseFailure, arguments_parser_for
 from tests.test_gateway import Stream, last, results
 from tool_gateway.config import GatewayConfig
 from tool_gateway.registry import ToolRegistry
@@ -303,7 +303,12 @@ async def test_cross_field_checks_run_on_whichever_field_comes_second(book_fligh
 
 
 async def test_a_field_given_twice_gets_a_verdict(book_flight):
-    verdict = await verdict_for(book_flight, '{"cabin": "first", "cabin": "economy"}')
+    # The scheduler's parser already refuses a key given twice; a gateway
+    # client that sends both units anyway gets the tool's verdict.
+    with pytest.raises(ParseFailure, match="duplicate key 'cabin'"):
+        field_units('{"cabin": "first", "cabin": "economy"}')
+    outcomes, _ = await run_fields(book_flight, [("cabin", '"first"'), ("cabin", '"economy"')])
+    verdict = outcomes[-1].verdict
     assert (verdict.field, verdict.reason) == ("cabin", "cabin is given twice")
 
 
