@@ -53,6 +53,7 @@ from scheduler.envelopes.base import (
     ScanContext,
     ScanEvent,
 )
+from scheduler.envelopes.markers import MarkerSet
 
 START = "<|start|>"
 CHANNEL = "<|channel|>"
@@ -99,25 +100,8 @@ def call_for(to: str, context: ScanContext) -> CallOpened | None:
     return CallOpened(Envelope.HARMONY, to, CallBody.ARGUMENTS)
 
 
-def _held(buf: str, start: int, markers: tuple[str, ...]) -> int:
-    """Characters at the end of buf[start:] that may begin one of markers."""
-    room = len(buf) - start
-    best = 0
-    for marker in markers:
-        for n in range(min(len(marker) - 1, room), best, -1):
-            if buf.endswith(marker[:n]):
-                best = n
-                break
-    return best
-
-
-def _earliest(buf: str, start: int, markers: tuple[str, ...]) -> tuple[int, str]:
-    best, found = -1, ""
-    for marker in markers:
-        at = buf.find(marker, start)
-        if at >= 0 and (best < 0 or at < best):
-            best, found = at, marker
-    return best, found
+_HEADER_MARKERS = MarkerSet(_HEADER_ENDS)
+_CONTENT_MARKERS = MarkerSet(_CONTENT_ENDS)
 
 
 class HarmonyRegion(Region):
@@ -138,9 +122,9 @@ class HarmonyRegion(Region):
         self._buf = ""
         if self._state == _HEADER:
             room = MAX_HEADER - len(self._header)  # buf[room:] is past the limit
-            at, token = _earliest(buf, 0, _HEADER_ENDS)
+            at, token = _HEADER_MARKERS.earliest(buf)
             if at < 0 or at > room:
-                keep = _held(buf, 0, _HEADER_ENDS) if at < 0 else 0
+                keep = _HEADER_MARKERS.held(buf) if at < 0 else 0
                 if len(buf) - keep > room:
                     # Too long for a header: it was not one, and what follows
                     # its first MAX_HEADER characters is plain text again.
@@ -158,9 +142,9 @@ class HarmonyRegion(Region):
                 events.append(opened)
                 self._open = True
             self._state = _CONTENT if self._open else _SKIP
-        at, token = _earliest(buf, 0, _CONTENT_ENDS)
+        at, token = _CONTENT_MARKERS.earliest(buf)
         if at < 0:
-            keep = _held(buf, 0, _CONTENT_ENDS)
+            keep = _CONTENT_MARKERS.held(buf)
             self._text(buf[: len(buf) - keep], events)
             self._buf = buf[len(buf) - keep :]
             return events, None

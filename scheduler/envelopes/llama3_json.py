@@ -54,13 +54,14 @@ from scheduler.envelopes.base import (
     EnvelopeFormat,
     Region,
     ScanEvent,
-    partial_suffix,
 )
+from scheduler.envelopes.markers import MarkerSet
 from scheduler.parsers.base import ParseFailure
 from scheduler.parsers.json_stream import MAX_DEPTH, Chunk, End, Field, JsonObjectScanner
 
 PYTHON_TAG = "<|python_tag|>"
 END_MARKERS = ("<|eom_id|>", "<|eot_id|>")
+_ENDS = MarkerSet(END_MARKERS)
 ARGUMENT_KEYS = ("parameters", "arguments")
 CALL_KEYS = frozenset({"name", *ARGUMENT_KEYS})  # a bare object is a call if its first key is one
 
@@ -159,11 +160,7 @@ class _FirstKey:
 
 def _failed(scanner: JsonObjectScanner) -> bool:
     """Whether the scanner keeps a failure (its next feed would raise it)."""
-    try:
-        scanner.feed("")
-    except ParseFailure:
-        return True
-    return False
+    return scanner.failure is not None
 
 
 class _JsonCall:
@@ -309,16 +306,12 @@ class Llama3JsonRegion(Region):
     def feed(self, text: str) -> tuple[list[ScanEvent], str | None]:
         events: list[ScanEvent] = []
         buf = self._held + text
-        at, token = -1, ""
-        for marker in END_MARKERS:
-            found = buf.find(marker)
-            if found >= 0 and (at < 0 or found < at):
-                at, token = found, marker
+        at, token = _ENDS.earliest(buf)
         if at >= 0:
             body, tail = buf[:at], buf[at:]
             self._held = ""
         else:
-            keep = max(partial_suffix(buf, m) for m in END_MARKERS)
+            keep = _ENDS.held(buf)
             body, tail = buf[: len(buf) - keep], ""
             self._held = buf[len(buf) - keep :]
         rest = self._read(body, events)

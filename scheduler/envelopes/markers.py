@@ -79,3 +79,42 @@ def marker_at(text: str, i: int, markers: tuple[str, ...]) -> str | None:
         if left < len(marker) and marker.startswith(text[i:]):  # a short slice
             partial = True
     return "" if partial else None
+
+
+class MarkerSet:
+    """Several markers looked for at once: only the places holding one of
+    their first characters are tried (a `find` each, in C)."""
+
+    def __init__(self, markers: tuple[str, ...]):
+        self.markers = markers
+        self._firsts = tuple(sorted({m[0] for m in markers}))
+        self._longest = max(len(m) for m in markers)
+
+    def earliest(self, text: str, start: int = 0) -> tuple[int, str]:
+        """The first marker in text[start:] and where it is; (-1, "") if none."""
+        best, found = -1, ""
+        for first in self._firsts:
+            at = text.find(first, start)
+            while at >= 0 and (best < 0 or at < best):
+                for marker in self.markers:
+                    if text.startswith(marker, at):
+                        best, found = at, marker
+                        break
+                else:
+                    at = text.find(first, at + 1)
+                    continue
+                break
+        return best, found
+
+    def held(self, text: str, start: int = 0) -> int:
+        """Characters at the end of text[start:] that may begin a marker."""
+        tail = max(start, len(text) - self._longest + 1)
+        best = 0
+        for first in self._firsts:
+            at = text.find(first, tail)
+            while at >= 0 and len(text) - at > best:
+                if any(m.startswith(text[at:]) for m in self.markers):
+                    best = len(text) - at
+                    break
+                at = text.find(first, at + 1)
+        return best

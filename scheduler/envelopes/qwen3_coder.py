@@ -55,6 +55,7 @@ region behind the same marker.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -165,15 +166,24 @@ def _escape(text: str) -> str:
 
 
 def _held(buf: str, start: int, markers: tuple[str, ...]) -> int:
-    """Characters at the end of buf[start:] that may begin one of markers."""
-    room = len(buf) - start
+    """Characters at the end of buf[start:] that may begin one of markers.
+    Only places holding a marker's first character are tried (a `find` each)."""
+    firsts, longest = _shape(markers)
+    tail = max(start, len(buf) - longest + 1)
     best = 0
-    for marker in markers:
-        for n in range(min(len(marker) - 1, room), best, -1):
-            if buf.endswith(marker[:n]):
-                best = n
+    for first in firsts:
+        at = buf.find(first, tail)
+        while at >= 0 and len(buf) - at > best:
+            if any(m.startswith(buf[at:]) for m in markers):
+                best = len(buf) - at
                 break
+            at = buf.find(first, at + 1)
     return best
+
+
+@functools.cache
+def _shape(markers: tuple[str, ...]) -> tuple[frozenset[str], int]:
+    return frozenset(m[0] for m in markers), max(map(len, markers))
 
 
 def _next_tag(buf: str, start: int, tags: tuple[str, ...]) -> tuple[int, str]:
