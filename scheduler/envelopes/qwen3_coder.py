@@ -55,7 +55,6 @@ region behind the same marker.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -71,6 +70,7 @@ from scheduler.envelopes.base import (
     ScanContext,
     ScanEvent,
 )
+from scheduler.envelopes.markers import MarkerSet
 from scheduler.envelopes.tag import TagRegion
 
 TOOL_CALL = "<tool_call>"
@@ -165,38 +165,11 @@ def _escape(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
-def _held(buf: str, start: int, markers: tuple[str, ...]) -> int:
-    """Characters at the end of buf[start:] that may begin one of markers.
-    Only places holding a marker's first character are tried (a `find` each)."""
-    firsts, longest = _shape(markers)
-    tail = max(start, len(buf) - longest + 1)
-    best = 0
-    for first in firsts:
-        at = buf.find(first, tail)
-        while at >= 0 and len(buf) - at > best:
-            if any(m.startswith(buf[at:]) for m in markers):
-                best = len(buf) - at
-                break
-            at = buf.find(first, at + 1)
-    return best
-
-
-@functools.cache
-def _shape(markers: tuple[str, ...]) -> tuple[frozenset[str], int]:
-    return frozenset(m[0] for m in markers), max(map(len, markers))
-
-
-def _next_tag(buf: str, start: int, tags: tuple[str, ...]) -> tuple[int, str]:
-    """The first of these tags in buf[start:] and where it is ((-1, "") if
-    none). Every tag starts with "<": each "<" is looked at once, so a delta
-    that holds many parameters is still read in one pass."""
-    at = buf.find("<", start)
-    while at >= 0:
-        for tag in tags:
-            if buf.startswith(tag, at):
-                return at, tag
-        at = buf.find("<", at + 1)
-    return -1, ""
+# The tags each state looks for (all begin with "<", but the value's end).
+_CALL_TAGS = MarkerSet((FUNCTION, TOOL_CALL_END))
+_BODY_TAGS = MarkerSet((PARAMETER, FUNCTION_END, TOOL_CALL_END))
+_VALUE_END = MarkerSet((PARAMETER_END, "\n" + PARAMETER_END))
+_JSON_BODY_END = MarkerSet((FUNCTION_END, TOOL_CALL_END))
 
 
 class Qwen3CoderRegion(Region):
@@ -266,9 +239,9 @@ class Qwen3CoderRegion(Region):
             if buf[i] in "{[":  # Hermes JSON: the tag format reads the rest
                 self._hermes = TagRegion()
                 return i, _GO
-        at, marker = _next_tag(buf, i, (FUNCTION, TOOL_CALL_END))
+        at, marker = _CALL_TAGS.earliest(buf, i)
         if at < 0:
-            return len(buf) - _held(buf, i, (FUNCTION, TOOL_CALL_END)), _MORE
+            return len(buf) - _CALL_TAGS.held(buf, i), _MORE
         if marker == TOOL_CALL_END:
             return at + len(marker), _END
         self._state = _NAME
@@ -291,10 +264,9 @@ class Qwen3CoderRegion(Region):
             if buf[i] == "{":  # a JSON arguments object instead of parameters
                 self._state = _JSON_BODY
                 return i, _GO
-        markers = (PARAMETER, FUNCTION_END, TOOL_CALL_END)
-        at, marker = _next_tag(buf, i, markers)
+        at, marker = _BODY_TAGS.earliest(buf, i)
         if at < 0:
-            return len(buf) - _held(buf, i, markers), _MORE
+            return len(buf) - _BODY_TAGS.held(buf, i), _MORE
         if marker == PARAMETER:
             self._state = _PARAM_NAME
             return at + len(marker), _GO
@@ -325,7 +297,7 @@ class Qwen3CoderRegion(Region):
         end = buf.find(PARAMETER_END, i)
         if end < 0:
             # A newline may still turn out to be the one before </parameter>.
-            keep = _held(buf, i, (PARAMETER_END, "\n" + PARAMETER_END))
+            keep = _VALUE_END.held(buf, i)
             self._value_piece(buf[i : len(buf) - keep], events)
             return len(buf) - keep, _MORE
         value = buf[i:end]
@@ -335,10 +307,9 @@ class Qwen3CoderRegion(Region):
         return end + len(PARAMETER_END), _GO
 
     def _json_body(self, buf: str, i: int, events: list[ScanEvent]) -> tuple[int, str]:
-        markers = (FUNCTION_END, TOOL_CALL_END)
-        at, marker = _next_tag(buf, i, markers)
+        at, marker = _JSON_BODY_END.earliest(buf, i)
         if at < 0:
-            end = len(buf) - _held(buf, i, markers)
+            end = len(buf) - _JSON_BODY_END.held(buf, i)
             if self._open and end > i:
                 events.append(CallText(buf[i:end]))
             return end, _MORE
