@@ -55,7 +55,7 @@ from scheduler.envelopes.base import (
     Region,
     ScanEvent,
 )
-from scheduler.envelopes.markers import MarkerSet
+from scheduler.envelopes.markers import JsonExtent, MarkerSet
 from scheduler.parsers.base import ParseFailure
 from scheduler.parsers.json_stream import MAX_DEPTH, Chunk, End, Field, JsonObjectScanner
 
@@ -68,52 +68,6 @@ CALL_KEYS = frozenset({"name", *ARGUMENT_KEYS})  # a bare object is a call if it
 _BLANKS = " \t\r\n"
 _OUTSIDE = re.compile(r'["{}\[\]]')  # what moves the bracket count outside strings
 _INSIDE = re.compile(r'["\\]')  # what ends a run of string characters
-
-
-class _ObjectEnd:
-    """Finds where a JSON object's text ends by counting brackets outside
-    strings (lenient: the JSON scanner is what checks the text). Fed after
-    the object's opening brace."""
-
-    __slots__ = ("depth", "in_string", "escape")
-
-    def __init__(self) -> None:
-        self.depth = 1
-        self.in_string = False
-        self.escape = False
-
-    def end(self, text: str, i: int) -> int:
-        """The index just after the object's closing bracket, or -1 when it
-        does not end in text[i:] (all of it consumed)."""
-        n = len(text)
-        while i < n:
-            if self.escape:
-                self.escape = False
-                i += 1
-            elif self.in_string:
-                m = _INSIDE.search(text, i)
-                if m is None:
-                    return -1
-                i = m.end()
-                if m.group() == "\\":
-                    self.escape = True
-                else:
-                    self.in_string = False
-            else:
-                m = _OUTSIDE.search(text, i)
-                if m is None:
-                    return -1
-                i = m.end()
-                ch = m.group()
-                if ch == '"':
-                    self.in_string = True
-                elif ch in "{[":
-                    self.depth += 1
-                else:
-                    self.depth -= 1
-                    if self.depth == 0:
-                        return i
-        return -1
 
 
 class _FirstKey:
@@ -167,7 +121,8 @@ class _JsonCall:
     """One call's JSON object, fed from just after its opening brace."""
 
     def __init__(self, bare: bool):
-        self._object_end = _ObjectEnd()
+        # Fed from just after the opening brace; markers are the region's job.
+        self._object_end = JsonExtent(stop_at_markers=False, depth=1)
         self._first_key = _FirstKey() if bare else None  # None: known to be a call
         # The arguments sit one level down: they may nest as deep as on their own.
         self._scanner = JsonObjectScanner(
@@ -189,7 +144,8 @@ class _JsonCall:
         -1 when all of it was read and the object goes on. A bare object that
         turns out not to be a call sets `not_a_call` to the text read so far
         (all of text[i:] but what the returned index leaves)."""
-        end = self._object_end.end(text, i)
+        end = self._object_end.advance(text, i)
+        end = end if self._object_end.done else -1
         segment = text[i:] if end < 0 else text[i:end]
         if self._raw is not None:
             self._raw.append(segment)

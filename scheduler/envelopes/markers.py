@@ -11,19 +11,23 @@ class JsonExtent:
     its braces and brackets outside strings, each character looked at once.
     It validates nothing (the call's parser does): it only finds the end.
 
-    `advance` can also stop at a `<` (outside strings, or everywhere with
-    `stop_in_strings`), where the caller looks for its format's markers."""
+    `advance` also stops at a `<` (outside strings, or everywhere with
+    `stop_in_strings`), where the caller looks for its format's markers;
+    `stop_at_markers=False` reads through them. `depth` is for a caller that
+    has already read the opening bracket."""
 
     _OUTSIDE = re.compile(r'[{}\[\]"<]')
+    _OUTSIDE_ONLY = re.compile(r'[{}\[\]"]')
     _INSIDE = re.compile(r'["\\]')
     _INSIDE_STOP = re.compile(r'["\\<]')
 
-    def __init__(self, stop_in_strings: bool = False):
+    def __init__(self, stop_in_strings: bool = False, stop_at_markers: bool = True, depth: int = 0):
         self.done = False
-        self._depth = 0
+        self._depth = depth
         self._in_string = False
         self._escape = False
         self._inside = self._INSIDE_STOP if stop_in_strings else self._INSIDE
+        self._outside = self._OUTSIDE if stop_at_markers else self._OUTSIDE_ONLY
 
     def advance(self, text: str, i: int) -> int:
         """Reads text from i; returns the index just after the value's end
@@ -48,7 +52,7 @@ class JsonExtent:
                     self._in_string = False
                 i += 1
                 continue
-            m = self._OUTSIDE.search(text, i)
+            m = self._outside.search(text, i)
             if m is None:
                 return n
             i = m.start()
