@@ -110,3 +110,14 @@ async def scheduler(worker, gateway):
     )
     yield f"127.0.0.1:{port}"
     await stop_server(server, 0)
+
+
+@pytest.fixture
+async def stub(scheduler):
+    """A ConveyorService stub of the in-process stack. (Tests of one service
+    alone define a `stub` fixture of their own, which takes precedence.)"""
+    import grpc
+    from conveyor.v1 import conveyor_pb2_grpc
+
+    async with grpc.aio.insecure_channel(scheduler) as channel:
+        yield conveyor_pb2_grpc.ConveyorServiceStub(channel)

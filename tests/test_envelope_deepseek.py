@@ -9,7 +9,6 @@ from conveyor.v1 import common_pb2, conveyor_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import envelopes
 from scheduler.envelopes import (
     CallBody,
     CallClosed,
@@ -29,17 +28,13 @@ from scheduler.envelopes.deepseek import (
     SEP,
 )
 from tests.envelope_helpers import merged, scan_cut
-from tests.test_integration import (  # noqa: F401
+from tests.test_integration import (
     FILLER,
     collect,
     kinds,
     run_request,
-    stub,
     unit_results,
 )
-
-# Until the lead registers the module, the scheduler would refuse the envelope.
-envelopes.FORMATS.setdefault(FORMAT.name, FORMAT)
 
 PARTIAL, SEQUENTIAL = conveyor_pb2.EXECUTION_MODE_PARTIAL, conveyor_pb2.EXECUTION_MODE_SEQUENTIAL
 
@@ -301,7 +296,7 @@ CODE = "x = 40\ny = x + 2\nprint(y)\ndef twice(v):\n    return 2 * v\ntwice(y)\n
 PADDING = "# padding\n" * 40
 
 
-async def test_end_to_end_partial_and_sequential_give_the_same_results(stub):  # noqa: F811
+async def test_end_to_end_partial_and_sequential_give_the_same_results(stub):
     arguments = json.dumps({"code": CODE + PADDING + "y - 2\n"})
     completion = "Let me compute." + CALLS_BEGIN + v3("python", arguments) + CALLS_END + FILLER
     request = {"envelopes": [conveyor_pb2.ENVELOPE_DEEPSEEK]}
@@ -319,7 +314,7 @@ async def test_end_to_end_partial_and_sequential_give_the_same_results(stub):  #
         assert events[-1].run_finished.finish_reason == common_pb2.FINISH_REASON_FORCED_END
 
 
-async def test_end_to_end_v31_calls_and_a_truncated_one(stub):  # noqa: F811
+async def test_end_to_end_v31_calls_and_a_truncated_one(stub):
     completion = (
         CALLS_BEGIN
         + v31("python", json.dumps({"code": "a = 6\na * 7\n"}))

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conveyor_common.types import Envelope, PartialMode
-from scheduler import envelopes
 from scheduler.envelopes import (
     CallBody,
     CallClosed,
@@ -23,7 +22,12 @@ from scheduler.envelopes import (
 from scheduler.envelopes.harmony import FORMAT, MAX_HEADER, recipient
 from scheduler.parsers import ParseFailure, PythonStatementParser, parser_for
 from tests.envelope_helpers import merged, scan_cut
-from tests.test_integration import FILLER, collect, run_request, unit_results
+from tests.test_integration import (
+    FILLER,
+    collect,
+    run_request,
+    unit_results,
+)
 
 CONTEXT = ScanContext(fence_tools={"python": "python"})
 
@@ -332,17 +336,6 @@ COMPLETION = (
     "<|channel|>analysis<|message|>I will compute it with python.<|end|>"
     "<|start|>assistant<|channel|>analysis to=python code<|message|>" + CODE + "<|call|>" + FILLER
 )
-
-
-@pytest.fixture
-async def stub(scheduler):
-    import grpc
-    from conveyor.v1 import conveyor_pb2_grpc
-
-    # Until the registry lists this format, this test registers it itself.
-    envelopes.FORMATS.setdefault(FORMAT.name, FORMAT)
-    async with grpc.aio.insecure_channel(scheduler) as channel:
-        yield conveyor_pb2_grpc.ConveyorServiceStub(channel)
 
 
 def harmony_request(completions: list[str], mode: int) -> conveyor_pb2.RunRequest:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
+from conveyor.v1 import common_pb2, conveyor_pb2
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conveyor_common.types import Envelope, PartialMode
-from scheduler import envelopes
 from scheduler.envelopes import (
     CallBody,
     CallClosed,
@@ -24,12 +23,16 @@ from scheduler.envelopes import (
 )
 from scheduler.parsers import ParseFailure, ToolCallTagParser, arguments_parser_for
 from tests.envelope_helpers import scan_cut
-from tests.test_integration import FILLER, call_outputs, collect, kinds, run_request, unit_results
+from tests.test_integration import (
+    FILLER,
+    call_outputs,
+    collect,
+    kinds,
+    run_request,
+    unit_results,
+)
 
 # Until the lead registers the module, the scheduler of these tests knows it
-# this way (harmless once registered: the same format under the same name).
-envelopes.FORMATS.setdefault(llama3_json.FORMAT.name, llama3_json.FORMAT)
-
 FORMAT = llama3_json.FORMAT
 
 
@@ -328,14 +331,6 @@ CODE = (
 )
 COMPLETION = json.dumps({"name": "python", "parameters": {"code": CODE}}) + FILLER
 CUT = '<|python_tag|>{"name": "python", "parameters": {"code": "x = 40\\nprint(x + 2)\\ny = '
-
-
-@pytest.fixture
-async def stub(scheduler):
-    import grpc
-
-    async with grpc.aio.insecure_channel(scheduler) as channel:
-        yield conveyor_pb2_grpc.ConveyorServiceStub(channel)
 
 
 def llama3_run(completions: list[str], mode: int) -> conveyor_pb2.RunRequest:

@@ -10,7 +10,6 @@ from conveyor.v1 import common_pb2, conveyor_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import envelopes
 from scheduler.envelopes import (
     CallBody,
     CallClosed,
@@ -22,17 +21,13 @@ from scheduler.envelopes import (
 )
 from scheduler.envelopes.mistral import FORMAT
 from tests.envelope_helpers import merged, scan_cut
-from tests.test_integration import (  # noqa: F401
+from tests.test_integration import (
     FILLER,
     collect,
     kinds,
     run_request,
-    stub,
     unit_results,
 )
-
-# Until the lead registers the module, the scheduler would refuse the envelope.
-envelopes.FORMATS.setdefault(FORMAT.name, FORMAT)
 
 PARTIAL, SEQUENTIAL = conveyor_pb2.EXECUTION_MODE_PARTIAL, conveyor_pb2.EXECUTION_MODE_SEQUENTIAL
 
@@ -326,7 +321,7 @@ def completion(code: str) -> str:
     return f"Let me compute.[TOOL_CALLS]python[ARGS]{json.dumps({'code': code})}"
 
 
-async def test_end_to_end_partial_and_sequential_give_the_same_results(stub):  # noqa: F811
+async def test_end_to_end_partial_and_sequential_give_the_same_results(stub):
     completions = [completion(CODE + PADDING + "y - 2\n") + FILLER, "done"]
     partial = await collect(
         stub, run_request(completions, PARTIAL, envelopes=[conveyor_pb2.ENVELOPE_MISTRAL])
@@ -346,7 +341,7 @@ async def test_end_to_end_partial_and_sequential_give_the_same_results(stub):  #
         assert events[-1].run_finished.finish_reason == common_pb2.FINISH_REASON_FORCED_END
 
 
-async def test_end_to_end_v3_list_and_a_truncated_call(stub):  # noqa: F811
+async def test_end_to_end_v3_list_and_a_truncated_call(stub):
     listed = (
         '[TOOL_CALLS] [{"arguments": {"code": "a = 6\\na * 7\\n"}, "name": "python"}, '
         '{"name": "nope", "arguments": {}}]\n'

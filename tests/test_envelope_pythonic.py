@@ -7,12 +7,11 @@ import json
 import math
 
 import pytest
-from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
+from conveyor.v1 import common_pb2, conveyor_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conveyor_common.types import Envelope, PartialMode
-from scheduler import envelopes
 from scheduler.envelopes import (
     CallBody,
     CallClosed,
@@ -25,12 +24,16 @@ from scheduler.envelopes import (
 )
 from scheduler.parsers import JsonFieldsParser, ParseFailure, arguments_parser_for
 from tests.envelope_helpers import scan_cut
-from tests.test_integration import FILLER, call_outputs, collect, kinds, run_request, unit_results
+from tests.test_integration import (
+    FILLER,
+    call_outputs,
+    collect,
+    kinds,
+    run_request,
+    unit_results,
+)
 
 # Until the lead registers the module, the scheduler of these tests knows it
-# this way (harmless once registered: the same format under the same name).
-envelopes.FORMATS.setdefault(pythonic.FORMAT.name, pythonic.FORMAT)
-
 FORMAT = pythonic.FORMAT
 
 
@@ -401,14 +404,6 @@ CODE = (
 )
 COMPLETION = f"[python(code={CODE!r})]" + FILLER
 CUT = '[python(code="x = 40\\nprint(x + 2)\\ny = '
-
-
-@pytest.fixture
-async def stub(scheduler):
-    import grpc
-
-    async with grpc.aio.insecure_channel(scheduler) as channel:
-        yield conveyor_pb2_grpc.ConveyorServiceStub(channel)
 
 
 def pythonic_run(completions: list[str], mode: int) -> conveyor_pb2.RunRequest:

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conveyor_common.types import Envelope, PartialMode
-from scheduler import envelopes
 from scheduler.envelopes import (
     CallBody,
     CallClosed,
@@ -28,7 +27,12 @@ from scheduler.parsers import (
     arguments_parser_for,
 )
 from tests.envelope_helpers import merged, scan_cut
-from tests.test_integration import FILLER, collect, run_request, unit_results
+from tests.test_integration import (
+    FILLER,
+    collect,
+    run_request,
+    unit_results,
+)
 
 WEATHER = {
     "type": "object",
@@ -445,17 +449,6 @@ CODE = "import math\nx = 6 * 7\nprint(x)\nmath.sqrt(16)"
 COMPLETION = (
     "I'll compute it.\n<tool_call>\n" + render("python", {"code": CODE}) + "</tool_call>" + FILLER
 )
-
-
-@pytest.fixture
-async def stub(scheduler):
-    import grpc
-    from conveyor.v1 import conveyor_pb2_grpc
-
-    # Until the registry lists this format, this test registers it itself.
-    envelopes.FORMATS.setdefault(FORMAT.name, FORMAT)
-    async with grpc.aio.insecure_channel(scheduler) as channel:
-        yield conveyor_pb2_grpc.ConveyorServiceStub(channel)
 
 
 def qwen_request(completions: list[str], mode: int) -> conveyor_pb2.RunRequest:

@@ -7,23 +7,21 @@ clear ParseError while the run still finishes. The calls are the benchmark's
 
 from __future__ import annotations
 
-import grpc
 import pytest
-from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
+from conveyor.v1 import common_pb2, conveyor_pb2
 
 from bench.parsers.formats import RENDER, available
 from conveyor_common.types import Envelope
 from scheduler.servicer import _ENVELOPES
-from tests.test_integration import FILLER, collect, run_request, unit_results
+from tests.test_integration import (
+    FILLER,
+    collect,
+    run_request,
+    unit_results,
+)
 
 CODE = "import json\nvalues = [3, 4]\nprint(json.dumps(sum(values)))\n"
 BY_NAME = {envelope.value: value for value, envelope in _ENVELOPES.items()}
-
-
-@pytest.fixture
-async def stub(scheduler):
-    async with grpc.aio.insecure_channel(scheduler) as channel:
-        yield conveyor_pb2_grpc.ConveyorServiceStub(channel)
 
 
 def request(name: str, completion: str, mode: int) -> conveyor_pb2.RunRequest:

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import pytest
-from conveyor.v1 import conveyor_pb2, conveyor_pb2_grpc
+from conveyor.v1 import conveyor_pb2
 
 from conveyor_common.types import PartialMode
 from scheduler.parsers import ParseFailure, ToolCallTagParser, arguments_parser_for
-from tests.test_integration import FILLER, call_outputs, collect, run_request, unit_results
+from tests.test_integration import (
+    FILLER,
+    call_outputs,
+    collect,
+    run_request,
+    unit_results,
+)
 
 CODE = "a = 6\nb = 7\nprint(a * b)\n"
 
@@ -61,12 +66,6 @@ def test_arguments_and_parameters_together_are_a_parse_failure():
 def test_function_beside_the_calls_own_fields_is_a_parse_failure():
     _, result = parse('{"name": "python", "function": {"name": "python"}}')
     assert result.startswith("failure") and "function" in result
-
-
-@pytest.fixture
-async def stub(scheduler):
-    async with grpc.aio.insecure_channel(scheduler) as channel:
-        yield conveyor_pb2_grpc.ConveyorServiceStub(channel)
 
 
 def _tag(call: str) -> str:

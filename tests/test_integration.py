@@ -7,7 +7,7 @@ import asyncio
 
 import grpc
 import pytest
-from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
+from conveyor.v1 import common_pb2, conveyor_pb2
 
 from tests.conftest import descendant_pids
 
@@ -39,12 +39,6 @@ def run_request(completions: list[str], mode: int, **kw) -> conveyor_pb2.RunRequ
         max_rounds=len(completions),
         **kw,
     )
-
-
-@pytest.fixture
-async def stub(scheduler):
-    async with grpc.aio.insecure_channel(scheduler) as channel:
-        yield conveyor_pb2_grpc.ConveyorServiceStub(channel)
 
 
 async def collect(stub, request) -> list[conveyor_pb2.RunResponse]:

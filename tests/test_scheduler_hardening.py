@@ -15,17 +15,15 @@ from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
 from prometheus_client import REGISTRY
 
 from conveyor_common.server import stop_server
-from tests.test_integration import FILLER, collect, run_request
+from tests.test_integration import (
+    FILLER,
+    collect,
+    run_request,
+)
 from tool_gateway.config import GatewayConfig
 
 PARTIAL = conveyor_pb2.EXECUTION_MODE_PARTIAL
 QUICK = "```python\nprint(6 * 7)\n```\n"
-
-
-@pytest.fixture
-async def stub(scheduler):
-    async with grpc.aio.insecure_channel(scheduler) as channel:
-        yield conveyor_pb2_grpc.ConveyorServiceStub(channel)
 
 
 async def status_of(stub, request) -> tuple[grpc.StatusCode, str]:

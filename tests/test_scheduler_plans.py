@@ -12,13 +12,12 @@ from conveyor.v1 import common_pb2, conveyor_pb2
 from scheduler.parsers import ParseFailure
 from scheduler.plans import BoundStep, arguments_for, bind
 from scheduler.tools import ToolInfo
-from tests.test_integration import (  # noqa: F401
+from tests.test_integration import (
     FILLER,
     call_outputs,
     collect,
     kinds,
     run_request,
-    stub,
 )
 
 PLAN = (
@@ -61,7 +60,7 @@ def test_arguments_follow_the_tool_schema():
         arguments_for(search, BoundStep("search", ["a", 1, 2], {}))
 
 
-async def test_a_plan_runs_its_steps_with_their_dependencies(stub):  # noqa: F811
+async def test_a_plan_runs_its_steps_with_their_dependencies(stub):
     started = time.perf_counter()
     events = await collect(stub, plan_request(conveyor_pb2.EXECUTION_MODE_PARTIAL))
     elapsed = time.perf_counter() - started
@@ -85,7 +84,7 @@ async def test_a_plan_runs_its_steps_with_their_dependencies(stub):  # noqa: F81
     assert elapsed < 60
 
 
-async def test_both_modes_give_the_same_plan_results(stub):  # noqa: F811
+async def test_both_modes_give_the_same_plan_results(stub):
     partial = await collect(stub, plan_request(conveyor_pb2.EXECUTION_MODE_PARTIAL))
     sequential = await collect(stub, plan_request(conveyor_pb2.EXECUTION_MODE_SEQUENTIAL))
     assert call_outputs(partial) == call_outputs(sequential)
@@ -93,7 +92,7 @@ async def test_both_modes_give_the_same_plan_results(stub):  # noqa: F811
     assert not any(d.during_decode for d in seq_dispatched if d.call_id == "call-0")
 
 
-async def test_a_failed_step_fails_the_steps_that_need_it(stub):  # noqa: F811
+async def test_a_failed_step_fails_the_steps_that_need_it(stub):
     plan = (
         '$1 = python("1 / 0")\n'
         "$2 = python(\"print('$1')\")\n"

@@ -12,13 +12,12 @@ import pytest
 from conveyor.v1 import common_pb2, conveyor_pb2
 
 from tests.conftest import descendant_pids
-from tests.test_integration import (  # noqa: F401
+from tests.test_integration import (
     FILLER,
     call_outputs,
     collect,
     kinds,
     run_request,
-    stub,
     unit_results,
 )
 
@@ -59,7 +58,7 @@ def finished(events) -> conveyor_pb2.RunFinished:
 
 
 @pytest.mark.parametrize("mode_name", list(CALLS))
-async def test_both_modes_give_the_same_results_for_every_partial_mode(stub, mode_name):  # noqa: F811
+async def test_both_modes_give_the_same_results_for_every_partial_mode(stub, mode_name):
     completion = "Let me call the tool.\n" + CALLS[mode_name] + FILLER[:300]
     runs = {}
     for mode in (PARTIAL, SEQUENTIAL):
@@ -82,7 +81,7 @@ def _tokens_between_dispatches(events) -> int:
     return sum(k == "token_delta" for k in kinds(events)[at[0] : at[-1]])
 
 
-async def test_an_invalid_argument_aborts_decoding_within_a_few_tokens(stub, worker):  # noqa: F811
+async def test_an_invalid_argument_aborts_decoding_within_a_few_tokens(stub, worker):
     engine, _ = worker
     bad = {**FLIGHT, "origin": "XXQ"}
     long_tail = FILLER * 3  # thousands of tokens the model never has to write
@@ -108,7 +107,7 @@ async def test_an_invalid_argument_aborts_decoding_within_a_few_tokens(stub, wor
     assert engine.running == 0, "the worker is still decoding the aborted run"
 
 
-async def test_abort_retries_re_prompt_with_the_verdict(stub):  # noqa: F811
+async def test_abort_retries_re_prompt_with_the_verdict(stub):
     bad = tag("book_flight", {**FLIGHT, "cabin": "hammock"})
     good = tag("book_flight", FLIGHT)
     request = run_request([bad + FILLER[:200], good, "Booked."], PARTIAL, abort_retries=1)
@@ -125,7 +124,7 @@ async def test_abort_retries_re_prompt_with_the_verdict(stub):  # noqa: F811
     assert finished(events).finish_reason == common_pb2.FINISH_REASON_ABORTED
 
 
-async def test_a_deadline_stops_decoding_and_every_tool(stub, worker):  # noqa: F811
+async def test_a_deadline_stops_decoding_and_every_tool(stub, worker):
     engine, _ = worker
     before = descendant_pids()
     code = tag("python", {"code": "import time\ntime.sleep(30)\n"})
@@ -143,7 +142,7 @@ async def test_a_deadline_stops_decoding_and_every_tool(stub, worker):  # noqa: 
     assert not (descendant_pids() - before), "a tool process outlived the deadline"
 
 
-async def test_32_concurrent_runs_with_mixed_tools_each_get_their_own_results(stub):  # noqa: F811
+async def test_32_concurrent_runs_with_mixed_tools_each_get_their_own_results(stub):
     def request(i: int) -> tuple[conveyor_pb2.RunRequest, str]:
         kind = i % 4
         if kind == 0:
@@ -167,7 +166,7 @@ async def test_32_concurrent_runs_with_mixed_tools_each_get_their_own_results(st
         assert len(outputs) == 1 and expect in outputs[0], (i, outputs)
 
 
-async def test_a_running_units_output_reaches_the_client_before_its_result(stub):  # noqa: F811
+async def test_a_running_units_output_reaches_the_client_before_its_result(stub):
     code = "import time\nfor i in range(3):\n    print('tick', i)\n    time.sleep(0.3)\n"
     events = await collect(stub, run_request([tag("python", {"code": code}), "ok"], PARTIAL))
     progress = [e.unit_progress for e in events if kinds([e]) == ["unit_progress"]]
