@@ -46,14 +46,12 @@ def default_model_dir() -> Path:
     return Path(resolve("").path)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
-    """A 2-layer random Llama that shares the default model's tokenizer and
-    chat template, so prompts and forced completions tokenize as in production."""
+def save_tiny_model(tokenizer, path: Path, context: int = 8192, eos_ids=None) -> Path:
+    """Saves a 2-layer random Llama over `tokenizer`'s vocabulary, and the
+    tokenizer, at `path`; `eos_ids` (default: the tokenizer's EOS) end a sequence."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -61,17 +59,28 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=8192,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-model")
+    if eos_ids is not None:
+        model.generation_config.eos_token_id = list(eos_ids)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A 2-layer random Llama that shares the default model's tokenizer and
+    chat template, so prompts and forced completions tokenize as in production."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    return save_tiny_model(tokenizer, tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from llm_worker.tool_format import (
     delimiter_ids,
     detect_tool_format,
 )
+from tests.conftest import save_tiny_model
 
 HARMONY_TOKENS = ["<|start|>", "<|channel|>", "<|constrain|>", "<|message|>", "<|end|>", "<|call|>"]
 
@@ -183,31 +184,17 @@ def test_detokenizer_shows_delimiters_and_hides_other_special_tokens(tokenizer):
 def harmony_model_dir(tmp_path_factory, default_model_dir):
     """A 2-layer random Llama with the default tokenizer plus harmony's special
     tokens and a template that shows them; <|call|> ends a sequence, as in gpt-oss."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = _with(AutoTokenizer.from_pretrained(default_model_dir), HARMONY_TEMPLATE, [])
     tokenizer.add_special_tokens({"additional_special_tokens": HARMONY_TOKENS})
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
     call = tokenizer.convert_tokens_to_ids("<|call|>")
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, call]
-    path = tmp_path_factory.mktemp("harmony-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(
+        tokenizer,
+        tmp_path_factory.mktemp("harmony-model"),
+        context=4096,
+        eos_ids=[tokenizer.eos_token_id, call],
+    )
 
 
 @pytest.fixture(scope="module")
