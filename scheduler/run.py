@@ -60,7 +60,6 @@ class Run:
         self._queue: asyncio.Queue[RunEvent] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()  # plan steps in flight
         self._generation: Generation | None = None  # the round being decoded
-        self._output_started = False  # a token delta went out
         self._counted = False  # the run's end is in the metrics and the log
         # Every downstream call gets what is left of the run's own deadline.
         self._deadline = time.monotonic() + spec.timeout
@@ -126,7 +125,7 @@ class Run:
         except TimeoutError:
             reason, message = FinishReason.DEADLINE_EXCEEDED, "the run's deadline passed"
         except WorkerRejected as e:  # the request itself is bad; before any output, say so
-            reason, message, rejected = FinishReason.ERROR, str(e), not self._output_started
+            reason, message, rejected = FinishReason.ERROR, str(e), self._nothing_out()
         except Exception as e:  # a failed service ends the run with a clear reason
             log.warning("run failed", error=str(e))
             reason, message = FinishReason.ERROR, str(e)
@@ -194,10 +193,13 @@ class Run:
 
     async def _generate(self, round_no: int, messages: list[Message]) -> tuple[str, WorkerDone]:
         self._generation = Generation(self, round_no, self._worker, self._table)
-        try:
-            return await self._generation.run(messages)
-        finally:
-            self._output_started = self._output_started or self._generation.output_started
+        return await self._generation.run(messages)
+
+    def _nothing_out(self) -> bool:
+        """No model output has gone to the client yet. Only round 0 can be
+        without it: a round that writes nothing calls no tool, so the run ends."""
+        g = self._generation
+        return g is None or (g.round == 0 and not g.output_started)
 
 
 def _verdict_message(call: Call, verdict: AbortVerdict) -> Message:
