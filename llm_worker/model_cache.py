@@ -12,6 +12,7 @@ import argparse
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -68,6 +69,7 @@ def resolve(model: str, cache_dir: str = "") -> ModelSource:
     target = _gguf_cache_dir(gguf, cache_dir)
     if not (target / "config.json").is_file():
         _convert_gguf(gguf, target)
+    _drop_gguf_quantization(target)
     return ModelSource(path=str(target), label=f"SmolLM2-135M-Instruct ({gguf.name})")
 
 
@@ -91,8 +93,23 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _drop_gguf_quantization(tmp)
         os.replace(tmp, target)
         log.info("model converted", seconds=round(time.perf_counter() - start, 1))
+
+
+def _drop_gguf_quantization(model_dir: Path) -> None:
+    """The saved config still says the weights are GGUF-quantized, which
+    they no longer are; vLLM refuses such a config. Rewritten atomically, so
+    caches converted before this fix are mended on their next load."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("quantization_config", {}).get("quant_method") != "gguf":
+        return
+    del config["quantization_config"]
+    tmp = path.with_name(f".config.json.{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -17,32 +17,16 @@ from conveyor_common.server import (
     on_stop,
 )
 from llm_worker.config import WorkerConfig
-from llm_worker.engine import Engine
-from llm_worker.loader import load
+from llm_worker.engines import Engine, open_engine
 from llm_worker.servicer import LlmWorkerServicer
-from llm_worker.tool_format import choose_tool_format
 
 log = structlog.get_logger("worker")
 
 SERVICE_NAME = llm_worker_pb2.DESCRIPTOR.services_by_name["LlmWorkerService"].full_name
 
-
-def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
-    """Loads the model, warms it up and starts the engine thread (blocking)."""
-    model, tokenizer, label = load(config)
-    engine = Engine(
-        model,
-        tokenizer,
-        default_max_new_tokens=config.max_new_tokens,
-        max_queue=config.max_queue,
-        max_batch=config.max_batch,
-        prefix_cache_tokens=config.prefix_cache_tokens,
-        prefill_threads=config.prefill_threads,
-        tool_call_format=choose_tool_format(tokenizer, config.tool_call_format, label),
-    )
-    engine.warm_up()
-    engine.start()
-    return engine, label
+# How often the worker asks its engine whether it can serve (for a remote
+# server, a GET /health): the worker's health follows the answer.
+HEALTH_POLL_SECONDS = 2.0
 
 
 async def create_server(
@@ -57,7 +41,7 @@ async def create_server(
     warm; with wait_ready=False loading goes on in the background (what the
     CLI does, so orchestrators can watch health during a long load)."""
     server = new_server()
-    servicer = LlmWorkerServicer(config.model or "default", engine)
+    servicer = LlmWorkerServicer(engine)
     llm_worker_pb2_grpc.add_LlmWorkerServiceServicer_to_server(servicer, server)
     health = add_standard_services(server, [SERVICE_NAME])
     bound = bind(server, host, port)
@@ -65,7 +49,8 @@ async def create_server(
     await health.set(False)
     on_stop(server, lambda: servicer.engine and servicer.engine.stop())
     if engine is not None:
-        engine.start()
+        if hasattr(engine, "start"):
+            engine.start()
         await health.set(True)
     else:
         task = asyncio.create_task(_load_then_serve(config, servicer, health))
@@ -73,12 +58,28 @@ async def create_server(
             await task
         else:
             extras(server).tasks.append(task)
+    extras(server).tasks.append(asyncio.create_task(_follow_health(servicer, health)))
     return server, bound
 
 
 async def _load_then_serve(config: WorkerConfig, servicer: LlmWorkerServicer, health: HealthState):
-    engine, label = await asyncio.to_thread(build_engine, config)
-    servicer.model_label = label
+    engine = await open_engine(config)
     servicer.engine = engine
     await health.set(True)
-    log.info("serving", model=label)
+    log.info("serving", model=engine.info.model, engine=engine.info.engine)
+
+
+async def _follow_health(servicer: LlmWorkerServicer, health: HealthState) -> None:
+    """SERVING while the engine says it can serve; a remote server that goes
+    down turns the worker NOT_SERVING, and back when it returns."""
+    serving = None
+    while True:
+        await asyncio.sleep(HEALTH_POLL_SECONDS)
+        if servicer.engine is None:
+            continue
+        now = await servicer.engine.healthy()
+        if now != serving and serving is not None:
+            log.warning("engine health changed", serving=now)
+        if now != serving:
+            await health.set(now)
+            serving = now

@@ -15,7 +15,13 @@ from conveyor_common.convert import (
     sampling_from_pb,
     tool_def_from_pb,
 )
-from llm_worker.engine import Completion, Engine, GenerationRequest, RequestError
+from llm_worker.engines import (
+    Completion,
+    Engine,
+    EngineUnavailable,
+    GenerationRequest,
+    RequestError,
+)
 
 log = structlog.get_logger("worker")
 
@@ -52,13 +58,7 @@ def completion_to_pb(c: Completion) -> llm_worker_pb2.GenerateComplete:
 
 
 class LlmWorkerServicer(llm_worker_pb2_grpc.LlmWorkerServiceServicer):
-    def __init__(
-        self,
-        model_label: str,
-        engine: Engine | None = None,
-        max_request_bytes: int = MAX_REQUEST_BYTES,
-    ):
-        self.model_label = model_label
+    def __init__(self, engine: Engine | None = None, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.engine = engine  # None while the model loads
         self.max_request_bytes = max_request_bytes
 
@@ -107,6 +107,8 @@ class LlmWorkerServicer(llm_worker_pb2_grpc.LlmWorkerServiceServicer):
                     )
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     async def Abort(self, request, context):
         found = self.engine.abort(request.request_id) if self.engine else False
@@ -115,10 +117,12 @@ class LlmWorkerServicer(llm_worker_pb2_grpc.LlmWorkerServiceServicer):
     async def GetModelInfo(self, request, context):
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        info = self.engine.info
         return llm_worker_pb2.GetModelInfoResponse(
-            model=self.model_label,
-            device=str(self.engine.device),
-            dtype=str(self.engine.dtype).removeprefix("torch."),
-            max_context_tokens=self.engine.max_context,
-            tool_call_format=self.engine.tool_call_format,
+            model=info.model,
+            device=info.device,
+            dtype=info.dtype,
+            max_context_tokens=info.max_context,
+            tool_call_format=info.tool_call_format,
+            engine=info.engine,
         )

@@ -87,10 +87,11 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
 async def worker(tiny_model_dir):
     """(engine, target) of an in-process worker on the tiny model."""
     from llm_worker.config import WorkerConfig
-    from llm_worker.server import build_engine, create_server
+    from llm_worker.engines.hf import build_hf_engine
+    from llm_worker.server import create_server
 
     config = WorkerConfig(model=str(tiny_model_dir), max_new_tokens=64)
-    engine, _ = build_engine(config)
+    engine = build_hf_engine(config)
     server, port = await create_server(config, engine=engine)
     yield engine, f"127.0.0.1:{port}"
     await stop_server(server, 0)

@@ -15,7 +15,7 @@ from conveyor.v1 import common_pb2, llm_worker_pb2, llm_worker_pb2_grpc
 from prometheus_client import REGISTRY
 
 from conveyor_common.types import Message, Sampling
-from llm_worker.engine import Completion, Delta, GenerationRequest
+from llm_worker.engines import Completion, Delta, GenerationRequest
 from llm_worker.kv_batch import KVBatch
 
 
@@ -315,11 +315,11 @@ async def test_prefills_and_decode_steps_run_on_their_own_thread_counts(tiny_mod
     """--threads for decode steps, --prefill-threads for prefills: each forward
     pass sees its count in the engine thread."""
     from llm_worker.config import WorkerConfig
-    from llm_worker.server import build_engine
+    from llm_worker.engines.hf import build_hf_engine
 
     before = torch.get_num_threads()
-    engine, _ = await asyncio.to_thread(
-        build_engine, WorkerConfig(model=str(tiny_model_dir), threads=1, prefill_threads=3)
+    engine = await asyncio.to_thread(
+        build_hf_engine, WorkerConfig(model=str(tiny_model_dir), threads=1, prefill_threads=3)
     )
     seen: list[tuple[int, int]] = []  # (tokens fed, threads)
     forward = engine.model.forward
@@ -344,10 +344,10 @@ async def test_prefills_and_decode_steps_run_on_their_own_thread_counts(tiny_mod
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_the_engine_batches_on_a_gpu(tiny_model_dir):
     from llm_worker.config import WorkerConfig
-    from llm_worker.server import build_engine
+    from llm_worker.engines.hf import build_hf_engine
 
-    engine, _ = await asyncio.to_thread(
-        build_engine, WorkerConfig(model=str(tiny_model_dir), device="cuda")
+    engine = await asyncio.to_thread(
+        build_hf_engine, WorkerConfig(model=str(tiny_model_dir), device="cuda")
     )
     try:
         assert engine.device.type == "cuda"

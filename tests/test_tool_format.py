@@ -200,10 +200,11 @@ def harmony_model_dir(tmp_path_factory, default_model_dir):
 @pytest.fixture(scope="module")
 async def harmony_worker(harmony_model_dir):
     """(engine, stub) of a worker on that model, its format detected."""
-    from llm_worker.server import build_engine, create_server
+    from llm_worker.engines.hf import build_hf_engine
+    from llm_worker.server import create_server
 
     config = WorkerConfig(model=str(harmony_model_dir), max_new_tokens=8)
-    engine, _ = await asyncio.to_thread(build_engine, config)
+    engine = await asyncio.to_thread(build_hf_engine, config)
     server, port = await create_server(config, engine=engine)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield engine, llm_worker_pb2_grpc.LlmWorkerServiceStub(channel)

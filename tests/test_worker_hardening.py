@@ -14,11 +14,12 @@ import grpc
 import pytest
 from conveyor.v1 import common_pb2, llm_worker_pb2, llm_worker_pb2_grpc
 
-import llm_worker.engine as engine_module
+import llm_worker.engines.hf as engine_module
 from conveyor_common.convert import BadRequest, sampling_from_pb
 from conveyor_common.server import stop_server
 from conveyor_common.types import FinishReason, Message, Sampling
-from llm_worker.engine import Delta, Engine, GenerationRequest
+from llm_worker.engines import Delta, GenerationRequest
+from llm_worker.engines.hf import HfEngine
 from llm_worker.prompt import fitted_prompt_ids, prompt_ids
 from llm_worker.servicer import MAX_REQUEST_BYTES
 from tests.test_engine_batching import _idle
@@ -40,7 +41,8 @@ async def small(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, max_position_embeddings=SMALL_CONTEXT
     )
-    engine = Engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), default_max_new_tokens=16)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = HfEngine(model, tokenizer, default_max_new_tokens=16)
     await asyncio.to_thread(engine.warm_up)
     server, port = await create_server(WorkerConfig(model=str(tiny_model_dir)), engine=engine)
     yield engine, f"127.0.0.1:{port}"

@@ -174,7 +174,8 @@ async def run(
 ) -> dict:
     from conveyor_common.server import stop_server
     from llm_worker.config import WorkerConfig
-    from llm_worker.server import build_engine, create_server
+    from llm_worker.engines.hf import build_hf_engine
+    from llm_worker.server import create_server
 
     say = say or common.progress("bench.worker")
     # generate() runs on the same count for prefill and decode: so does the engine here.
@@ -185,7 +186,8 @@ async def run(
         threads=threads,
         prefill_threads=threads,
     )
-    engine, label = await asyncio.to_thread(build_engine, config)
+    engine = await asyncio.to_thread(build_hf_engine, config)
+    label = engine.label
     engine.prefix_cache.max_tokens = 0  # every request pays its full prefill, as generate() does
     texts = prompts(max(max(streams), baseline_requests))
     server, port = await create_server(config, engine=engine)

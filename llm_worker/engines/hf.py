@@ -33,19 +33,26 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import structlog
 import torch
 
-from conveyor_common.types import FinishReason, Message, Sampling, ToolDef
+from conveyor_common.types import FinishReason, Message
 from llm_worker import metrics
-from llm_worker.detokenizer import IncrementalDetokenizer, hidden_token_ids
+from llm_worker.engines.base import (
+    Completion,
+    Delta,
+    EngineInfo,
+    GenerationRequest,
+    RequestError,
+)
+from llm_worker.engines.output import TokenOutput, TokenRules
+from llm_worker.engines.prepare import Tokenized, tokenize
 from llm_worker.kv_batch import KVBatch, supports_batching
 from llm_worker.prefix_cache import PrefixCache
-from llm_worker.prompt import fitted_prompt_ids, prompt_ids
+from llm_worker.prompt import prompt_ids
 from llm_worker.sampling import make_generator, next_token
-from llm_worker.tool_format import check_tool_format, delimiter_ids
+from llm_worker.tool_format import check_tool_format
 
 log = structlog.get_logger("engine")
 
@@ -56,49 +63,6 @@ _REUSABLE = {
     FinishReason.STOP_STRING,
     FinishReason.FORCED_END,
 }
-
-# Room left for the answer when tool results are cut to fit the context: the
-# request's token limit, but at most this share of the context.
-MAX_ANSWER_RESERVE = 0.25
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    messages: list[Message]
-    tools: list[ToolDef] = field(default_factory=list)
-    sampling: Sampling = field(default_factory=Sampling)
-    # Benchmark feature: emit these tokens, one real decode step each.
-    forced_completion: str | None = None
-    request_id: str = ""
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-    token_ids: list[int]
-
-
-@dataclass(frozen=True)
-class Completion:
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    queue_seconds: float
-    prefill_seconds: float
-    decode_seconds: float
-    message: str = ""  # set for ERROR
-    cached_prompt_tokens: int = 0
-    prefill_seconds_saved: float = 0.0  # estimated, from the measured prefill rate
-
-
-class RequestError(ValueError):
-    """A request the engine cannot run as given (a client error)."""
-
-
-class Tokenized(NamedTuple):
-    prompt: list[int]
-    forced: list[int] | None  # the forced completion's ids
-    limit: int  # new tokens at most, within the context
 
 
 @dataclass(frozen=True)
@@ -134,14 +98,10 @@ class _Sequence:
     stream: _Stream
     enqueued_at: float
     prompt: list[int] = field(default_factory=list)  # set once tokenized
-    forced: list[int] | None = None
-    limit: int = 0
+    out: TokenOutput | None = None  # set once tokenized
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: FinishReason = FinishReason.CANCELLED
     generator: torch.Generator | None = None
-    detok: IncrementalDetokenizer | None = None
-    generated: list[int] = field(default_factory=list)
-    text_tail: str = ""  # the end of the output, for stop strings
     queue_seconds: float = 0.0
     prefill_seconds: float = 0.0
     cached_tokens: int = 0
@@ -151,13 +111,20 @@ class _Sequence:
     parked_kv: KVBatch | None = None
     done: bool = False
 
+    @property
+    def generated(self) -> list[int]:
+        return self.out.generated if self.out is not None else []
 
-class Engine:
+
+class HfEngine:
+    """The in-process engine on transformers: `--engine hf`, the default."""
+
     def __init__(
         self,
         model,
         tokenizer,
         *,
+        label: str = "",
         default_max_new_tokens: int = 512,
         max_queue: int = 64,
         max_batch: int = 16,
@@ -175,13 +142,14 @@ class Engine:
         self.max_batch = max(1, max_batch)
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-        self._eos_ids = _eos_ids(model, tokenizer)
         # The format the model writes tool calls in ("" unknown). Its delimiter
         # tokens stream as text although special; every other special token is hidden.
         check_tool_format(tool_call_format)
         self.tool_call_format = tool_call_format
-        self._delimiter_ids = delimiter_ids(tokenizer, tool_call_format)
-        self._hidden_ids = hidden_token_ids(tokenizer, self._delimiter_ids)
+        self._rules = TokenRules.of(
+            tokenizer, tool_call_format, getattr(model, "generation_config", None), model.config
+        )
+        self.label = label
         self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._rows: list[_Sequence] = []  # in batch order
@@ -238,6 +206,20 @@ class Engine:
         """Requests whose handler is still streaming."""
         return len(self._active)
 
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model=self.label,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            max_context=self.max_context,
+            tool_call_format=self.tool_call_format,
+            engine="hf",
+        )
+
+    async def healthy(self) -> bool:
+        return self._started and self._thread.is_alive()
+
     def stats(self) -> EngineStats:
         kv = self._kv
         return EngineStats(
@@ -257,15 +239,21 @@ class Engine:
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._active:
             raise RequestError(f"request_id {request_id!r} is already running")
-        if not request.messages:
-            raise RequestError("messages must not be empty")
         seq = self._new_sequence(request_id, request)
         self._active[request_id] = seq  # from here an Abort finds it
         stream = seq.stream
         try:
             # A long prompt takes seconds to tokenize: not on the event loop,
             # nor on the model thread (the fast tokenizer releases the GIL).
-            seq.prompt, seq.forced, seq.limit = await asyncio.to_thread(self.tokenize, request)
+            tokens = await asyncio.to_thread(self.tokenize, request)
+            seq.prompt = tokens.prompt
+            seq.out = TokenOutput(
+                self.tokenizer,
+                self._rules,
+                limit=tokens.limit,
+                stop=request.sampling.stop,
+                forced=tokens.forced,
+            )
             self._inbox.put(seq)
             while True:
                 item = await stream.queue.get()
@@ -286,32 +274,7 @@ class Engine:
         return True
 
     def tokenize(self, request: GenerationRequest) -> Tokenized:
-        """The request's prompt and forced ids and its token limit. Tool
-        results are cut to leave the answer room (see fitted_prompt_ids); a
-        prompt over the context even so is a RequestError, before any delta."""
-        forced = (
-            self.tokenizer.encode(request.forced_completion, add_special_tokens=False)
-            if request.forced_completion is not None
-            else None
-        )
-        limit = request.sampling.max_new_tokens or (
-            len(forced) if forced is not None else self.default_max_new_tokens
-        )
-        reserve = min(limit, int(self.max_context * MAX_ANSWER_RESERVE))
-        ids = fitted_prompt_ids(
-            self.tokenizer, request.messages, request.tools, self.max_context - reserve
-        )
-        room = self.max_context - len(ids)
-        if room <= 0:
-            cut = (
-                " with its tool results cut"
-                if any(m.role == "tool" for m in request.messages)
-                else ""
-            )
-            raise RequestError(
-                f"prompt is {len(ids)} tokens{cut}; the model's context is {self.max_context}"
-            )
-        return Tokenized(ids, forced, min(limit, room))
+        return tokenize(self.tokenizer, request, self.max_context, self.default_max_new_tokens)
 
     def _new_sequence(self, request_id: str, request: GenerationRequest) -> _Sequence:
         return _Sequence(
@@ -320,7 +283,6 @@ class Engine:
             stream=_Stream(loop=asyncio.get_running_loop()),
             enqueued_at=time.perf_counter(),
             generator=make_generator(request.sampling, self.device),
-            detok=IncrementalDetokenizer(self.tokenizer, self._hidden_ids),
         )
 
     # ---- model thread ----------------------------------------------------
@@ -391,7 +353,7 @@ class Engine:
 
     def _admit_one(self, seq: _Sequence) -> None:
         kv, logits = self._prefill(seq)
-        if seq.forced == []:
+        if seq.out.forced == []:
             self._finish(seq, FinishReason.FORCED_END)
             return
         reason = self._advance(seq, self._choose(seq, logits[0], int(logits[0].argmax())))
@@ -507,40 +469,28 @@ class Engine:
     def _choose(self, seq: _Sequence, logits: torch.Tensor, greedy: int) -> int:
         """The row's next token: forced, greedy (`greedy`, from one argmax for
         the batch), or sampled with its own parameters and generator."""
-        if seq.forced is not None:
-            return seq.forced[len(seq.generated)]
+        if seq.out.forced is not None:
+            return seq.out.next_forced()
         if seq.generator is None:
             return greedy
         return next_token(logits, seq.request.sampling, seq.generator)
 
     def _advance(self, seq: _Sequence, token: int) -> FinishReason | None:
-        """Takes a sequence's next token: emits its text; returns why the
-        sequence ends here, or None to go on. An end-of-sequence token ends it
-        unseen, unless it also delimits a tool call (gpt-oss's <|call|>): the
-        scheduler's parser needs that one, so its text goes out first."""
-        eos = seq.forced is None and token in self._eos_ids
-        if eos and token not in self._delimiter_ids:
-            return FinishReason.STOP
-        now = time.perf_counter()
-        if not seq.generated:
-            seq.first_token_at = now
-            metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.enqueued_at)
-        else:
-            metrics.INTER_TOKEN_LATENCY.observe(now - seq.last_token_at)
-        seq.last_token_at = now
-        seq.generated.append(token)
-        delta, delta_ids = seq.detok.push(token)
-        if delta:
-            self._emit(seq, Delta(delta, delta_ids))
-        if eos:
-            return FinishReason.STOP
-        if delta and _ends_at_stop_string(seq, delta):
-            return FinishReason.STOP_STRING
-        if seq.forced is not None and len(seq.generated) == len(seq.forced):
-            return FinishReason.FORCED_END
-        if len(seq.generated) >= seq.limit:
-            return FinishReason.LENGTH
-        return None
+        """Takes a sequence's next token (see TokenOutput.push) and emits its
+        text; returns why the sequence ends here, or None to go on."""
+        taken = len(seq.generated)
+        delta, reason = seq.out.push(token)
+        if len(seq.generated) > taken:
+            now = time.perf_counter()
+            if taken == 0:
+                seq.first_token_at = now
+                metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.enqueued_at)
+            else:
+                metrics.INTER_TOKEN_LATENCY.observe(now - seq.last_token_at)
+            seq.last_token_at = now
+        if delta is not None:
+            self._emit(seq, delta)
+        return reason
 
     def _store_prefix(self, seq: _Sequence, kv: KVBatch, row: int) -> None:
         """Keeps the tokens the cache holds (the prompt and every fed token)."""
@@ -552,10 +502,10 @@ class Engine:
     def _finish(self, seq: _Sequence, reason: FinishReason, message: str = "") -> None:
         if seq.done:
             return
-        if reason not in (FinishReason.CANCELLED, FinishReason.ERROR) and seq.detok is not None:
-            tail, tail_ids = seq.detok.flush()  # may fail: then the caller ends it with ERROR
-            if tail:
-                self._emit(seq, Delta(tail, tail_ids))
+        if reason not in (FinishReason.CANCELLED, FinishReason.ERROR) and seq.out is not None:
+            tail = seq.out.flush()  # may fail: then the caller ends it with ERROR
+            if tail is not None:
+                self._emit(seq, tail)
         seq.done = True
         decode_s = seq.last_token_at - seq.first_token_at if seq.generated else 0.0
         # Counted before the Completion goes out, so a client that saw it sees them too.
@@ -621,27 +571,27 @@ def _drop_partial_step(kv: KVBatch) -> None:
             layer.crop(-extra)
 
 
-def _ends_at_stop_string(seq: _Sequence, delta: str) -> bool:
-    """Whether the output, `delta` included, now holds one of the request's
-    stop strings (kept tail: the longest stop string plus the delta)."""
-    stops = seq.request.sampling.stop
-    if not stops:
-        return False
-    longest = max(len(s) for s in stops)
-    seq.text_tail = (seq.text_tail + delta)[-(longest + len(delta)) :]
-    return any(s in seq.text_tail for s in stops)
-
-
 def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return ids
+def build_hf_engine(config) -> HfEngine:
+    """Loads the model, warms it up and starts the engine thread (blocking)."""
+    from llm_worker.loader import load
+    from llm_worker.tool_format import choose_tool_format
+
+    model, tokenizer, label = load(config)
+    engine = HfEngine(
+        model,
+        tokenizer,
+        label=label,
+        default_max_new_tokens=config.max_new_tokens,
+        max_queue=config.max_queue,
+        max_batch=config.max_batch,
+        prefix_cache_tokens=config.prefix_cache_tokens,
+        prefill_threads=config.prefill_threads,
+        tool_call_format=choose_tool_format(tokenizer, config.tool_call_format, label),
+    )
+    engine.warm_up()
+    engine.start()
+    return engine
