@@ -78,9 +78,10 @@ test: proto
 
 # The paper's six workloads, partial vs sequential, side by side through the
 # three services; writes bench/results/e2e.{md,json,png}. BENCH_ARGS=--quick
-# runs one request per workload.
+# runs one request per workload; ENGINE=vllm runs the worker on vLLM
+# (make install-vllm first) and writes bench/results/e2e-vllm.*.
 bench: proto
-	$(PY) -m bench.e2e $(BENCH_ARGS)
+	$(PY) -m bench.e2e $(if $(ENGINE),--engine $(ENGINE)) $(BENCH_ARGS)
 
 # Microseconds per delta of every parser, against re-parsing the prefix
 # (partial-json-parser, jiter); writes bench/results/parsers.{md,json}.

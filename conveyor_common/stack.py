@@ -33,6 +33,7 @@ class Service:
     module: str
     port: int
     args: tuple[str, ...] = ()
+    python: str = ""  # the interpreter to run it with ("": this one)
 
 
 def colocated_worker_args() -> tuple[str, ...]:
@@ -83,7 +84,7 @@ def start(services: tuple[Service, ...] = SERVICES, state_dir: Path = STATE_DIR)
         log = open(state_dir / f"{service.name}.log", "w")
         process = subprocess.Popen(
             [
-                sys.executable,
+                service.python or sys.executable,
                 "-m",
                 service.module,
                 "--host",

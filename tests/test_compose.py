@@ -175,8 +175,9 @@ def test_build_target_exists_in_the_dockerfile(compose, name):
     build = compose["services"][name]["build"]
     dockerfile = ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
     assert dockerfile.is_file(), f"{dockerfile} is missing"
-    assert build["target"] in dockerfile_targets(dockerfile), (
-        f"{dockerfile.name} has no stage {build['target']!r} for {name}"
+    target = interpolate(build["target"])
+    assert target in dockerfile_targets(dockerfile), (
+        f"{dockerfile.name} has no stage {target!r} for {name}"
     )
 
 
@@ -201,3 +202,13 @@ def test_interpolation_uses_defaults():
     assert interpolate("${A-y}z") == "yz"
     assert interpolate("${A}") == ""
     assert interpolate("$$HOME") == "$HOME"
+
+
+def test_the_vllm_worker_target_exists_and_compose_can_pick_it(compose):
+    """CONVEYOR_WORKER_TARGET=llm-worker-vllm builds the worker with vLLM in
+    it; CONVEYOR_ENGINE chooses the engine on the same command line."""
+    build = compose["services"]["llm-worker"]["build"]
+    assert "CONVEYOR_WORKER_TARGET" in build["target"]
+    assert "llm-worker-vllm" in dockerfile_targets(ROOT / "docker" / "Dockerfile")
+    args = parse_command(compose, "llm-worker")
+    assert args.engine == "hf" and args.engine_url == ""

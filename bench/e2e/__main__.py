@@ -28,13 +28,29 @@ PORTS = {"llm_worker": 50152, "tool_gateway": 50153, "scheduler": 50151}
 STATE_DIR = Path(".cache/bench-stack")
 
 
-def stack_services(search_url: str):
+# The venv `make install-vllm` builds, for the worker with --engine vllm.
+VLLM_PYTHON = Path(".venv-vllm/bin/python")
+
+
+def worker_service(engine: str):
+    """The worker on `engine`: hf in this venv, vllm in .venv-vllm."""
     from conveyor_common.stack import WORKER_ARGS, Service
 
+    if engine == "vllm":
+        if not VLLM_PYTHON.is_file():
+            sys.exit(f"--engine vllm needs {VLLM_PYTHON}: make install-vllm")
+        args = ("--metrics-port", "0", "--engine", "vllm")
+        return Service("llm_worker", "llm_worker", PORTS["llm_worker"], args, str(VLLM_PYTHON))
+    return Service(
+        "llm_worker", "llm_worker", PORTS["llm_worker"], ("--metrics-port", "0", *WORKER_ARGS)
+    )
+
+
+def stack_services(search_url: str, engine: str = "hf"):
+    from conveyor_common.stack import Service
+
     return (
-        Service(
-            "llm_worker", "llm_worker", PORTS["llm_worker"], ("--metrics-port", "0", *WORKER_ARGS)
-        ),
+        worker_service(engine),
         Service(
             "tool_gateway",
             "tool_gateway",
@@ -201,6 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/e2e", help="writes <out>.md/.json/.png")
     ap.add_argument("--no-overheads", action="store_true", help="skip the overhead measurements")
     ap.add_argument(
+        "--engine",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="the worker's engine (vllm: needs make install-vllm; writes <out>-vllm.*)",
+    )
+    ap.add_argument(
         "--report", metavar="JSON", help="rebuild the summary and report of an earlier run's JSON"
     )
     args = ap.parse_args(argv)
@@ -213,14 +235,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = json.loads(Path(args.report).read_text(encoding="utf-8"))
         results["workloads"] = summarize(results["runs"])
     else:
-        results = run(names, n, args.quick, not args.no_overheads)
+        results = run(names, n, args.quick, not args.no_overheads, args.engine)
+    if args.engine != "hf" and not args.report:
+        args.out = f"{args.out}-{args.engine}"
     common.publish(results, args.out, report.markdown(results))
     png_path = report.chart(results, Path(args.out).with_suffix(".png"))
     print(f"wrote {png_path}", file=sys.stderr)
     return 0 if all(r["same_results"] for r in results["workloads"]) else 1
 
 
-def run(names: list[str], n: int, quick: bool, with_overheads: bool) -> dict:
+def run(names: list[str], n: int, quick: bool, with_overheads: bool, engine: str = "hf") -> dict:
     from tqdm import tqdm
 
     from conveyor_common import stack
@@ -230,7 +254,7 @@ def run(names: list[str], n: int, quick: bool, with_overheads: bool) -> dict:
     requests = {name: workloads.build(name, n) for name in names}
     total = sum(len(r) for r in requests.values()) * 2
     with SearchService(str(ensure_index())) as search:
-        services = stack_services(search.url)
+        services = stack_services(search.url, engine)
         say("starting the three services")
         pids = stack.start(services, STATE_DIR)
         try:
@@ -260,6 +284,7 @@ def run(names: list[str], n: int, quick: bool, with_overheads: bool) -> dict:
             "requests_per_workload": n,
             "quick": quick,
             "model": "SmolLM2-135M-Instruct (forced decoding)",
+            "engine": engine,
             "search_latency": "lognormal, median 0.8 s, sigma 0.35, cap 3 s",
         },
         "workloads": summarize(rows),

@@ -19,7 +19,8 @@ def markdown(results: dict) -> str:
     out = [
         "# Conveyor end to end: partial vs sequential execution",
         "",
-        f"Machine: {cpu}, {m['cpu_count']} CPUs. Date: {results['date']}. "
+        f"Machine: {cpu}, {m['cpu_count']} CPUs. Worker engine: "
+        f"{results['config'].get('engine', 'hf')}. Date: {results['date']}. "
         f"Model: {cfg['model']}. {cfg['requests_per_workload']} request(s) per workload, "
         "each run in both modes, alternating which goes first, through the three services "
         "as separate processes. Search: a loopback HTTP service over the docs index, "
