@@ -206,7 +206,8 @@ class OpenAIEngine(RelayEngine):
         if not isinstance(event, dict):
             raise BadStream("an event that is not an object")
         if "error" in event:
-            return TokenChunk([], FinishReason.ERROR, message=f"engine server: {event['error']}")
+            detail = _error_message(json.dumps(event["error"], default=str))
+            return TokenChunk([], FinishReason.ERROR, message=f"engine server: {detail}")
         choices = event.get("choices")
         if not isinstance(choices, list):
             raise BadStream("an event without choices")

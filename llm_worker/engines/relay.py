@@ -115,6 +115,7 @@ class RelayEngine:
         message = ""
         ended_by_engine = False
         aborted = asyncio.ensure_future(active.aborted.wait())
+        step: asyncio.Future | None = None
         try:
             while reason is None:
                 step = asyncio.ensure_future(anext(chunks, None))
@@ -150,7 +151,7 @@ class RelayEngine:
                     ended_by_engine = True
                 elif reason is not None and chunk.finish is not None:
                     ended_by_engine = True
-            if reason is FinishReason.FORCED_END and out.generated != (tokens.forced or []):
+            if tokens.forced is not None and not _followed(out.generated, tokens.forced, reason):
                 reason = FinishReason.ERROR
                 message = "the engine did not follow the forced completion"
             if reason not in (FinishReason.ERROR, FinishReason.ABORTED):
@@ -159,6 +160,11 @@ class RelayEngine:
                     yield tail
         finally:
             aborted.cancel()
+            if step is not None and not step.done():
+                # A read left mid-way (an abort, a client gone): the engine's
+                # generator must unwind before it can be closed.
+                step.cancel()
+                await asyncio.wait({step})
             if not ended_by_engine:
                 # Our end came first (a stop string, an abort, a client gone):
                 # the engine must stop decoding it now, not at its token limit.
@@ -183,3 +189,13 @@ class RelayEngine:
             message=message,
             cached_prompt_tokens=cached,
         )
+
+
+def _followed(generated: list[int], forced: list[int], reason: FinishReason) -> bool:
+    """Whether an engine kept to the forced completion: its output a prefix
+    of it, ended at its end, at the token limit or on a stop string (or cut
+    short by an abort or an error, which are reported as such)."""
+    if reason in (FinishReason.ERROR, FinishReason.ABORTED):
+        return True
+    ends = (FinishReason.FORCED_END, FinishReason.LENGTH, FinishReason.STOP_STRING)
+    return generated == forced[: len(generated)] and reason in ends
