@@ -46,19 +46,24 @@ def default_model_dir() -> Path:
     return Path(resolve("").path)
 
 
-def save_tiny_model(tokenizer, path: Path, context: int = 8192, eos_ids=None) -> Path:
+def save_tiny_model(
+    tokenizer, path: Path, context: int = 8192, eos_ids=None, head_size: int = 16
+) -> Path:
     """Saves a 2-layer random Llama over `tokenizer`'s vocabulary, and the
-    tokenizer, at `path`; `eos_ids` (default: the tokenizer's EOS) end a sequence."""
+    tokenizer, at `path`; `eos_ids` (default: the tokenizer's EOS) end a
+    sequence. Two query heads per KV head of `head_size` each (vLLM's CPU
+    attention needs 32 or more)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    heads = 4 if head_size == 16 else 2
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=heads * head_size,
+        intermediate_size=2 * heads * head_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

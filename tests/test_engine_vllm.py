@@ -24,7 +24,9 @@ from conveyor.v1 import common_pb2, conveyor_pb2, llm_worker_pb2, llm_worker_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor_common.server import stop_server
+from tests.conftest import save_tiny_model
 from tests.test_integration import PROGRAM, call_outputs, collect, run_request, unit_results
+from tests.test_worker import _collect
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -74,28 +76,12 @@ def _fail_unless_alive(proc: subprocess.Popen, log: Path, what: str) -> None:
 def vllm_model_dir(tmp_path_factory, default_model_dir) -> Path:
     """The tiny test model's shape, but with 64-wide heads (vLLM's CPU
     attention has no kernel for the tiny model's 16)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     _need_vllm()
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vllm-model")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tokenizer, path, context=4096, head_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -207,20 +193,6 @@ def _request(request_id: str = "", forced: str | None = None, **sampling):
         if forced is not None
         else None,
     )
-
-
-async def _collect(stub, request):
-    text, ids, complete = "", [], None
-    async for response in stub.Generate(request, timeout=120):
-        kind = response.WhichOneof("event")
-        if kind == "delta":
-            text += response.delta.text
-            ids.extend(response.delta.token_ids)
-        elif kind == "complete":
-            complete = response.complete
-        else:
-            pytest.fail(f"unexpected error: {response.error.message}")
-    return text, ids, complete
 
 
 async def test_info_names_the_engine(remote):
