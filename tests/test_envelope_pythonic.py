@@ -33,7 +33,7 @@ from tests.test_integration import (
     unit_results,
 )
 
-# Until the lead registers the module, the scheduler of these tests knows it
+# The format under test (the registry in scheduler/envelopes lists it too).
 FORMAT = pythonic.FORMAT
 
 
