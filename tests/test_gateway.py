@@ -299,6 +299,49 @@ async def test_the_sandbox_has_no_network_and_a_read_only_filesystem(stub, gatew
     await stream.end()
 
 
+async def test_calls_sharing_a_session_run_their_units_in_stream_order(stub):
+    # Everything is sent before the first unit ends: without an order, call b's
+    # unit would take the session between a's `a = 6` and `b = 7`.
+    stream = Stream(stub)
+    stream.open("a", session_key="s")
+    stream.units("a", "import time; time.sleep(0.3)", "a = 6", "b = 7")
+    stream.close("a", 3)
+    stream.open("b", session_key="s")
+    stream.units("b", "print(a + b)")
+    stream.close("b", 1)
+    assert last(await stream.wait("b")).call_result.output == "13"
+    assert last(await stream.wait("a")).call_result.ok
+    await stream.end()
+
+
+async def test_a_call_that_ends_early_does_not_hold_up_its_session(stub):
+    stream = Stream(stub)
+    # Cancelled while its unit waits its turn behind call a's.
+    stream.open("a", session_key="s")
+    stream.units("a", "import time; time.sleep(0.5)")
+    stream.close("a", 1)
+    stream.open("b", session_key="s")
+    stream.units("b", "x = 1")
+    stream.open("c", session_key="s")
+    stream.units("c", "print('c ran')")
+    stream.close("c", 1)
+    await stream.wait("a", "unit_started")
+    stream.send("b", cancel=pb.CancelCall(reason="gave up"))
+    assert last(await stream.wait("b")).error.code == pb.TOOL_ERROR_CODE_CANCELLED
+    assert last(await stream.wait("c")).call_result.output == "c ran"
+    assert last(await stream.wait("a")).call_result.ok
+    # Failed on a unit sent out of order, with a later unit of its own queued.
+    stream.open("d", session_key="t")
+    stream.units("d", "y = 1", start=1)
+    stream.units("d", "y = 2", start=2)
+    stream.open("e", session_key="t")
+    stream.units("e", "print('e ran')")
+    stream.close("e", 1)
+    assert last(await stream.wait("d")).error.code == pb.TOOL_ERROR_CODE_BAD_REQUEST
+    assert last(await stream.wait("e")).call_result.output == "e ran"
+    await stream.end()
+
+
 async def test_cancel_call_kills_its_work(stub):
     before = descendant_pids()
     stream = Stream(stub)

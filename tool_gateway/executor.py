@@ -2,7 +2,8 @@
 
 Each call gets its own task and queue: its units run strictly in order in its
 session, while a slow call never holds up another. Calls that share a session
-key share one session for the life of the stream; a call without a key gets
+key share one session for the life of the stream, and their units run in the
+order they arrived on the stream (`session_order`); a call without a key gets
 a session of its own. Every call ends with exactly one CallFinished or
 CallFailed, and `shutdown` leaves no tool process behind.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
@@ -33,6 +35,7 @@ from tool_gateway.messages import (
 )
 from tool_gateway.metrics import CALLS, TOOL_SECONDS, UNITS
 from tool_gateway.registry import ToolRegistry
+from tool_gateway.session_order import SessionOrder, Ticket
 from tool_gateway.tools.base import (
     CallOutcome,
     Tool,
@@ -55,10 +58,19 @@ class _Call:
     closed: bool = False  # a CloseCall is queued
     stop: ToolFailure | None = None  # why the call is being stopped from outside
     task: asyncio.Task | None = None
+    # The tickets of the queued units, in queue order (shared sessions only).
+    tickets: deque[Ticket] = field(default_factory=deque)
 
     @property
     def call_id(self) -> str:
         return self.open.call_id
+
+    @property
+    def shared_key(self) -> tuple[str, str] | None:
+        """The key of the session this call shares with others, if it does."""
+        if not self.open.session_key or self.tool.session_per_call:
+            return None
+        return (self.tool.spec.name, self.open.session_key)
 
 
 class StreamExecutor:
@@ -70,6 +82,7 @@ class StreamExecutor:
         self._calls: dict[str, _Call] = {}  # calls whose last event is not out yet
         self._ended: set[str] = set()  # call ids whose last event is out
         self._shared: dict[tuple[str, str], asyncio.Task[ToolSession]] = {}
+        self._order = SessionOrder()
         self._sessions: set[ToolSession] = set()  # every open session, for shutdown
         self._shutdown: asyncio.Task | None = None
 
@@ -97,6 +110,8 @@ class StreamExecutor:
             if call.closed:
                 self._stop(call, ToolErrorCode.BAD_REQUEST, "a unit arrived after close")
             else:
+                if (key := call.shared_key) is not None:
+                    call.tickets.append(self._order.take(key))
                 call.queue.put_nowait(request.unit)
         elif isinstance(request, CloseCall):
             if call.closed:
@@ -182,6 +197,8 @@ class StreamExecutor:
                 )
             self._end(call, last)
         finally:
+            for ticket in call.tickets:  # units that will never run
+                self._order.done(ticket)
             self._log_call(call, last, outcomes, time.monotonic() - started)
             if session is not None:
                 await self._release(call, session)
@@ -197,9 +214,17 @@ class StreamExecutor:
                     f"unit {item.index} arrived where unit {len(outcomes)} was expected "
                     "(a unit was lost or sent twice)",
                 )
+            ticket = call.tickets[0] if call.tickets else None
+            if ticket is not None:
+                await self._order.wait(ticket)  # earlier units of the session first
             self._events.put_nowait(UnitStarted(call.call_id, item.index))
             session.progress_sink = functools.partial(self._progress, call.call_id)
-            outcome = await session.run_unit(item)
+            try:
+                outcome = await session.run_unit(item)
+            finally:
+                if ticket is not None:
+                    call.tickets.popleft()
+                    self._order.done(ticket)
             outcomes.append(outcome)
             UNITS.labels(tool, "ok" if outcome.ok else "exception").inc()
             TOOL_SECONDS.labels(tool).inc(outcome.duration_seconds)
@@ -269,11 +294,11 @@ class StreamExecutor:
     # ---- sessions -------------------------------------------------------
 
     async def _session_for(self, call: _Call) -> ToolSession:
-        if not call.open.session_key or call.tool.session_per_call:
+        key = call.shared_key
+        if key is None:
             session = await call.tool.open_session(call.open.session_key)
             self._sessions.add(session)
             return session
-        key = (call.tool.spec.name, call.open.session_key)
         task = self._shared.get(key)
         if task is not None and task.done():
             failed = task.cancelled() or task.exception() is not None
