@@ -340,6 +340,47 @@ async def test_prefills_and_decode_steps_run_on_their_own_thread_counts(tiny_mod
     assert prefills == {3} and steps == {1}, seen
 
 
+async def test_load_warm_up_prefill_and_decode_all_run_on_the_engine_thread(
+    tiny_model_dir, monkeypatch
+):
+    """One thread makes every torch call, so the process has one OpenMP pool
+    (a second thread's calls made a second pool and cost ~40 % of decode)."""
+    import threading
+
+    import llm_worker.loader as loader
+    from llm_worker.config import WorkerConfig
+    from llm_worker.engines.hf import HfEngine, build_hf_engine
+
+    threads: dict[str, set[int]] = {"load": set(), "warm_up": set(), "forward": set()}
+    real_load, real_warm_up = loader.load, HfEngine.warm_up
+
+    def load(config):
+        threads["load"].add(threading.get_ident())
+        return real_load(config)
+
+    def warm_up(self):
+        threads["warm_up"].add(threading.get_ident())
+        return real_warm_up(self)
+
+    monkeypatch.setattr(loader, "load", load)
+    monkeypatch.setattr(HfEngine, "warm_up", warm_up)
+    engine = await asyncio.to_thread(build_hf_engine, WorkerConfig(model=str(tiny_model_dir)))
+    forward = engine.model.forward
+
+    def spy(*args, **kwargs):
+        threads["forward"].add(threading.get_ident())
+        return forward(*args, **kwargs)
+
+    engine.model.forward = spy
+    try:
+        text, _, _ = await _run(engine, _gen("which thread", forced="this one"))
+        assert text == "this one"
+    finally:
+        engine.stop()
+    assert threads == dict.fromkeys(threads, {engine._thread.ident}), threads
+    assert engine._thread.ident != threading.get_ident()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_the_engine_batches_on_a_gpu(tiny_model_dir):
