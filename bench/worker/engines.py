@@ -22,92 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench import common
 from bench.worker.__main__ import StreamResult, _streams, prompts, summarize_streams
+from bench.worker.servers import ROOT, Subprocess, free_port, wait_healthy, wait_serving
 
-ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 FULL_STREAMS = (1, 4, 8, 16)
 QUICK_STREAMS = (1, 4)
 GOAL_OVERHEAD = 0.03  # the worker adds at most 3 % to vLLM's own numbers
-STARTUP_SECONDS = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Subprocess:
-    """A server in .venv-vllm, its output in a log, stopped on exit."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'gen'}:{ROOT}"}
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
-
-    def check(self, what: str) -> None:
-        if self.proc.poll() is not None:
-            tail = self.log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{what} exited with {self.proc.returncode}:\n{tail}")
-
-    def __enter__(self) -> Subprocess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-async def _wait_worker(target: str, proc: Subprocess | None) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + STARTUP_SECONDS
-    async with grpc.aio.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc is not None:
-                proc.check("the vllm worker")
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            await asyncio.sleep(1)
-    raise RuntimeError(f"{target} not serving after {STARTUP_SECONDS} s")
-
-
-def _wait_http(url: str, proc: Subprocess) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        proc.check("vLLM's server")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not healthy after {STARTUP_SECONDS} s")
 
 
 async def _direct_stream(client, model: str, prompt: list[int], forced: list[int]):
@@ -185,7 +112,7 @@ async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dic
     engines: dict[str, list[dict]] = {}
 
     # hf first: its greedy outputs become every engine's forced completions.
-    config = WorkerConfig(max_batch=n_max, max_new_tokens=tokens)
+    config = WorkerConfig(max_batch=n_max, max_new_tokens=tokens, dtype="float32")
     engine = await asyncio.to_thread(build_hf_engine, config)
     engine.prefix_cache.max_tokens = 0  # every request pays its full prefill, on every engine
     server, port = await create_server(config, engine=engine)
@@ -209,23 +136,24 @@ async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dic
 
     logs = Path(".cache/bench-engines")
     logs.mkdir(parents=True, exist_ok=True)
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     say("vllm: starting the worker with --engine vllm")
     with Subprocess(
         [
             str(VLLM_PYTHON), "-m", "llm_worker", "--engine", "vllm", "--port", str(port),
-            "--metrics-port", str(metrics_port), "--max-batch", str(n_max),
+            "--metrics-port", str(metrics_port), "--max-batch", str(n_max), "--dtype", "float32",
             "--engine-args", json.dumps({"enable_prefix_caching": False}),
         ],
         logs / "vllm-worker.log",
+        "the vllm worker",
     ) as proc:  # fmt: skip
         target = f"127.0.0.1:{port}"
-        await _wait_worker(target, proc)
+        await wait_serving(target, proc)
         engines["vllm"] = await _rows(
             lambda n: _streams(target, texts[:n], completions[:n]), streams, say, "vllm"
         )
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     say("vLLM's OpenAI server: starting")
     with Subprocess(
@@ -237,8 +165,9 @@ async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dic
             "--logits-processors", "llm_worker.engines.vllm_forced:ForcedTokens",
         ],
         logs / "vllm-server.log",
+        "vLLM's server",
     ) as proc:  # fmt: skip
-        await asyncio.to_thread(_wait_http, url, proc)
+        await asyncio.to_thread(wait_healthy, url, proc)
         openai_config = WorkerConfig(engine="openai", engine_url=url, max_new_tokens=tokens)
         server, wport = await create_server(openai_config)
         target = f"127.0.0.1:{wport}"

