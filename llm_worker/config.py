@@ -12,6 +12,8 @@ from llm_worker.tool_format import TOOL_FORMATS, check_tool_format
 
 # The engines a worker can front (llm_worker/engines/).
 ENGINES = ("hf", "vllm", "openai")
+# Prompt tokens per prefill between decode steps (--prefill-chunk).
+PREFILL_CHUNK = 512
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads for prefills, which are compute-bound and short (0: as --threads)",
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        help="prompt tokens prefilled between two decode steps while requests decode: long "
+        "prompts go in chunks, and prompts that arrive together are prefilled together up "
+        "to this many (padded) tokens (0: no limit, one prompt at a time)",
+    )
+    p.add_argument(
         "--device-map",
         default="",
         help="accelerate device_map for models larger than one device, e.g. 'auto' "
@@ -120,6 +130,7 @@ class WorkerConfig:
     device_map: str = ""
     threads: int = 0
     prefill_threads: int = 0
+    prefill_chunk: int = PREFILL_CHUNK
     tool_call_format: str = ""  # "": detect
 
     def __post_init__(self) -> None:
@@ -130,6 +141,8 @@ class WorkerConfig:
             )
         if self.engine == "openai" and not self.engine_url:
             raise ValueError("--engine openai needs --engine-url (the server's base URL)")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"--prefill-chunk must be 0 (off) or more, not {self.prefill_chunk}")
         for name in ("engine_connect_timeout", "engine_read_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be more than 0 seconds")
@@ -154,5 +167,6 @@ class WorkerConfig:
             device_map=ns.device_map,
             threads=ns.threads,
             prefill_threads=ns.prefill_threads,
+            prefill_chunk=ns.prefill_chunk,
             tool_call_format=ns.tool_call_format,
         )

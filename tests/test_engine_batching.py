@@ -406,3 +406,90 @@ async def test_the_engine_batches_on_a_gpu(tiny_model_dir):
         assert a == b
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="module")
+async def f32_engine(tiny_model_dir):
+    """A float32 engine of its own (exact comparisons; no prefix cache)."""
+    from llm_worker.config import WorkerConfig
+    from llm_worker.engines.hf import build_hf_engine
+
+    config = WorkerConfig(model=str(tiny_model_dir), dtype="float32", prefix_cache_tokens=0)
+    engine = await asyncio.to_thread(build_hf_engine, config)
+    yield engine
+    engine.stop()
+
+
+def _forward_shapes(engine, monkeypatch) -> list[tuple[int, int]]:
+    """Records the [rows, tokens] of every forward pass the engine makes."""
+    shapes: list[tuple[int, int]] = []
+    forward = engine.model.forward
+
+    def spy(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    return shapes
+
+
+def _arrive_together(engine, monkeypatch, n: int) -> None:
+    """Holds the next `n` requests until all are tokenized, then hands them
+    to the engine in one step (under the queue's lock), as a burst would."""
+    held = []
+    inbox = engine._inbox
+
+    def put(item):
+        held.append(item)
+        if len(held) == n:
+            with inbox.mutex:
+                inbox.queue.extend(held)
+                inbox.not_empty.notify()
+
+    monkeypatch.setattr(inbox, "put", put)
+
+
+async def test_prompts_that_arrive_together_are_prefilled_together(f32_engine, monkeypatch):
+    """One padded forward prefills the burst, and each request's greedy
+    output is what it is alone."""
+    engine = f32_engine
+    requests = [
+        _gen(f"Tell me about the number {i}." * (i + 1), Sampling(max_new_tokens=10))
+        for i in range(4)
+    ]
+    alone = [(await _run(engine, r))[1] for r in requests]
+    shapes = _forward_shapes(engine, monkeypatch)
+    _arrive_together(engine, monkeypatch, len(requests))
+    together = await asyncio.gather(*(_run(engine, r) for r in requests))
+    assert [ids for _, ids, _ in together] == alone
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills and prefills[0][0] == len(requests), shapes
+    await _idle(engine)
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(f32_engine, monkeypatch):
+    engine = f32_engine
+    long = _gen("A long document about many things. " * 120, Sampling(max_new_tokens=6))
+    _, alone, done = await _run(engine, long)
+    assert done.prompt_tokens > 4 * 64
+    monkeypatch.setattr(engine, "prefill_chunk", 64)
+    shapes = _forward_shapes(engine, monkeypatch)
+    decoding = asyncio.create_task(_run(engine, _gen("go on", forced="word " * 400)))
+    while not shapes:  # the decoding request is in
+        await asyncio.sleep(0.005)
+    _, chunked, done = await _run(engine, long)
+    await decoding
+    assert chunked == alone
+    # Its prompt went in pieces of at most 64 tokens, each followed by a decode step.
+    pieces = [i for i, s in enumerate(shapes) if s == (1, 64)]
+    assert len(pieces) >= done.prompt_tokens // 64 - 1, shapes
+    for a, b in zip(pieces, pieces[1:], strict=False):
+        assert any(s[1] == 1 for s in shapes[a + 1 : b]), shapes[a : b + 1]
+    await _idle(engine)
+
+
+def test_prefill_chunk_must_not_be_negative():
+    from llm_worker.config import WorkerConfig
+
+    with pytest.raises(ValueError, match="--prefill-chunk"):
+        WorkerConfig(prefill_chunk=-1)

@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 
 import structlog
 import torch
+from transformers import DynamicCache
 
 from conveyor_common.types import FinishReason, Message
 from llm_worker import metrics
+from llm_worker.config import PREFILL_CHUNK
 from llm_worker.engines.base import (
     Completion,
     Delta,
@@ -48,7 +50,7 @@ from llm_worker.engines.base import (
 )
 from llm_worker.engines.output import TokenOutput, TokenRules
 from llm_worker.engines.prepare import Tokenized, tokenize
-from llm_worker.kv_batch import KVBatch, supports_batching
+from llm_worker.kv_batch import KVBatch, growing_cache, supports_batching
 from llm_worker.prefix_cache import PrefixCache
 from llm_worker.prompt import prompt_ids
 from llm_worker.sampling import make_generator, next_token
@@ -109,6 +111,9 @@ class _Sequence:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     parked_kv: KVBatch | None = None
+    # A prompt prefilled in chunks: the KV of its first `prefilled` tokens.
+    partial: DynamicCache | None = None
+    prefilled: int = 0
     done: bool = False
 
     @property
@@ -130,6 +135,7 @@ class HfEngine:
         max_batch: int = 16,
         prefix_cache_tokens: int = 16384,
         prefill_threads: int = 0,
+        prefill_chunk: int = PREFILL_CHUNK,
         tool_call_format: str = "",
     ):
         self.model = model.eval()
@@ -160,6 +166,10 @@ class HfEngine:
         # Prefill is compute-bound and gains from every core even where decode
         # steps run on fewer (--threads); 0 keeps decode's count.
         self.prefill_threads = prefill_threads
+        # Prompt tokens prefilled per iteration while other requests decode
+        # (0: no limit): a long prompt goes in chunks and a burst of arrivals
+        # in batches of about this many tokens, with a decode step between.
+        self.prefill_chunk = prefill_chunk
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._started = False
 
@@ -344,15 +354,142 @@ class HfEngine:
             seq.parked_kv = None
 
     def _admit(self) -> None:
+        """Prefills waiting requests in arrival order. While other requests
+        decode, one iteration prefills about `prefill_chunk` prompt tokens and
+        then lets them step: a long prompt goes in chunks over several
+        iterations, and cold prompts that fit together share one forward."""
+        spent = 0
         while self._waiting and len(self._rows) + len(self._parked) < self.max_batch:
-            seq = self._waiting.popleft()
+            limit = self.prefill_chunk if self.prefill_chunk > 0 and self._rows else None
+            head = self._waiting[0]
+            left = len(head.prompt) - head.prefilled
+            if limit is not None and spent and left > limit - spent:
+                break  # the rows step first; the rest next iteration
+            group = self._cold_group(limit - spent if limit else None)
             try:
-                self._admit_one(seq)
+                if group:
+                    spent += self._prefill_together(group)
+                    continue
+                spent += self._prefill_part(head, left if limit is None else limit - spent)
             except Exception as e:  # its prefill or first token failed: it alone ends
-                self._fail(seq, e, "prefill failed")
+                if self._waiting and self._waiting[0] is head:
+                    self._waiting.popleft()
+                self._fail(head, e, "prefill failed")
 
-    def _admit_one(self, seq: _Sequence) -> None:
-        kv, logits = self._prefill(seq)
+    def _cold_group(self, budget: int | None) -> list[_Sequence]:
+        """Waiting requests at the head that can share one padded prefill:
+        none started, none worth its cached prefix, all within `budget` padded
+        tokens (or `prefill_chunk` when idle). Fewer than two: [] (alone)."""
+        cap = budget if budget is not None else self.prefill_chunk
+        room = self.max_batch - len(self._rows) - len(self._parked)
+        if not cap or room < 2:
+            return []
+        group: list[_Sequence] = []
+        for seq in self._waiting:
+            if len(group) == room or seq.partial is not None:
+                break
+            width = max([len(seq.prompt), *(len(g.prompt) for g in group)])
+            if width * (len(group) + 1) > cap or self._worth_reusing(seq):
+                break
+            group.append(seq)
+        return group if len(group) > 1 else []
+
+    def _worth_reusing(self, seq: _Sequence) -> bool:
+        """Whether a cached prefix covers enough of the prompt (a later round's)
+        to prefill it alone on that cache; a few shared tokens, such as the
+        chat template's system prompt, are cheaper to recompute in a batch."""
+        return self.prefix_cache.lookup(seq.prompt)[0] > len(seq.prompt) // 4
+
+    def _prefill_together(self, group: list[_Sequence]) -> int:
+        """One left-padded forward over several whole prompts; each row then
+        goes on exactly as a lone prefill would. Returns the padded tokens."""
+        for _ in group:
+            self._waiting.popleft()
+        now = time.perf_counter()
+        for seq in group:
+            seq.queue_seconds = now - seq.enqueued_at
+            metrics.QUEUE_TIME.observe(seq.queue_seconds)
+        width = max(len(s.prompt) for s in group)
+        ids = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(group):
+            ids[i, width - len(seq.prompt) :] = torch.tensor(seq.prompt, device=self.device)
+            mask[i, width - len(seq.prompt) :] = 1
+        start = time.perf_counter()
+        try:
+            with torch_threads(self.prefill_threads):
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        except Exception:  # retried one by one, so only a prompt that fails alone ends
+            log.exception("batched prefill failed; prefilling each request alone")
+            self._waiting.extendleft(reversed(group))
+            for seq in group:
+                try:
+                    self._prefill_part(seq, len(seq.prompt))
+                except Exception as e:
+                    if self._waiting and self._waiting[0] is seq:
+                        self._waiting.popleft()
+                    self._fail(seq, e, "prefill failed")
+            return sum(len(s.prompt) for s in group)
+        seconds = time.perf_counter() - start
+        cache = out.past_key_values
+        kv = KVBatch(growing_cache([(la.keys, la.values) for la in cache.layers]), mask)
+        for i, seq in enumerate(group):
+            seq.prefill_seconds = seconds
+            metrics.PROMPT_TOKENS.inc(len(seq.prompt))
+            try:
+                self._prefilled(seq, kv.select([i]), out.logits[i : i + 1, -1])
+            except Exception as e:
+                self._fail(seq, e, "prefill failed")
+        rate = seconds / sum(len(s.prompt) for s in group)
+        self._prefill_s_per_token = 0.8 * self._prefill_s_per_token + 0.2 * rate
+        return width * len(group)
+
+    def _prefill_part(self, seq: _Sequence, tokens: int) -> int:
+        """Prefills the next `tokens` of the head's prompt (after any cached
+        prefix); once the prompt is done, the request goes on. Returns the
+        tokens run."""
+        if seq.partial is None and seq.prefilled == 0:
+            seq.queue_seconds = time.perf_counter() - seq.enqueued_at
+            metrics.QUEUE_TIME.observe(seq.queue_seconds)
+            reused, entry = self.prefix_cache.lookup(seq.prompt)
+            reused = min(reused, len(seq.prompt) - 1)  # at least one token gives the logits
+            if entry is not None and reused > 0:
+                seq.partial, seq.prefilled = entry.copy_prefix(reused), reused
+                seq.cached_tokens = reused
+                seq.prefill_saved = reused * self._prefill_s_per_token
+                metrics.CACHED_PROMPT_TOKENS.inc(reused)
+                metrics.PREFILL_SECONDS_SAVED.inc(seq.prefill_saved)
+        end = min(len(seq.prompt), seq.prefilled + max(1, tokens))
+        piece = seq.prompt[seq.prefilled : end]
+        start = time.perf_counter()
+        with torch_threads(self.prefill_threads):
+            out = self.model(
+                input_ids=torch.tensor([piece], device=self.device),
+                past_key_values=seq.partial,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        seq.prefill_seconds += time.perf_counter() - start
+        seq.partial, seq.prefilled = out.past_key_values, end
+        if end < len(seq.prompt):
+            return len(piece)  # more chunks to come; it stays at the head
+        self._waiting.popleft()
+        if not seq.cached_tokens:  # a cold prefill keeps the per-token estimate current
+            rate = seq.prefill_seconds / len(seq.prompt)
+            self._prefill_s_per_token = 0.8 * self._prefill_s_per_token + 0.2 * rate
+        metrics.PROMPT_TOKENS.inc(len(seq.prompt))
+        kv, seq.partial = KVBatch.single(seq.partial), None
+        self._prefilled(seq, kv, out.logits[:, -1])
+        return len(piece)
+
+    def _prefilled(self, seq: _Sequence, kv: KVBatch, logits: torch.Tensor) -> None:
+        """A prompt is in `kv`: its first token, then it ends, parks or joins."""
         if seq.out.forced == []:
             self._finish(seq, FinishReason.FORCED_END)
             return
@@ -365,34 +502,6 @@ class HfEngine:
             self._parked.append(seq)
         else:
             self._join(seq, kv)
-
-    def _prefill(self, seq: _Sequence) -> tuple[KVBatch, torch.Tensor]:
-        """Runs the prompt (after any cached prefix); returns the sequence's
-        KV and the logits of its last position."""
-        seq.queue_seconds = time.perf_counter() - seq.enqueued_at
-        metrics.QUEUE_TIME.observe(seq.queue_seconds)
-        reused, entry = self.prefix_cache.lookup(seq.prompt)
-        reused = min(reused, len(seq.prompt) - 1)  # at least one token gives the logits
-        start = time.perf_counter()
-        rest = seq.prompt[reused:]
-        with torch_threads(self.prefill_threads):
-            out = self.model(
-                input_ids=torch.tensor([rest], device=self.device),
-                past_key_values=entry.copy_prefix(reused) if entry is not None and reused else None,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        seq.prefill_seconds = time.perf_counter() - start
-        if reused > 0:
-            seq.cached_tokens = reused
-            seq.prefill_saved = reused * self._prefill_s_per_token
-            metrics.CACHED_PROMPT_TOKENS.inc(reused)
-            metrics.PREFILL_SECONDS_SAVED.inc(seq.prefill_saved)
-        else:  # a cold prefill keeps the per-token estimate current
-            rate = seq.prefill_seconds / len(rest)
-            self._prefill_s_per_token = 0.8 * self._prefill_s_per_token + 0.2 * rate
-        metrics.PROMPT_TOKENS.inc(len(seq.prompt))
-        return KVBatch.single(out.past_key_values), out.logits[:, -1]
 
     def _join(self, seq: _Sequence, kv: KVBatch) -> None:
         self._kv = kv if self._kv is None else KVBatch.concat([self._kv, kv])
@@ -599,6 +708,7 @@ def build_hf_engine(config) -> HfEngine:
                 max_batch=config.max_batch,
                 prefix_cache_tokens=config.prefix_cache_tokens,
                 prefill_threads=config.prefill_threads,
+                prefill_chunk=config.prefill_chunk,
                 tool_call_format=choose_tool_format(tokenizer, config.tool_call_format, label),
             )
             engine.warm_up()
