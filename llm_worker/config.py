@@ -13,7 +13,7 @@ from llm_worker.tool_format import TOOL_FORMATS, check_tool_format
 # The engines a worker can front (llm_worker/engines/).
 ENGINES = ("hf", "vllm", "openai")
 # Prompt tokens per prefill between decode steps (--prefill-chunk).
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
