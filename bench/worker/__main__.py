@@ -1,9 +1,11 @@
 """Worker decode speed: one stream and 1/4/8/16 concurrent streams through the
-real gRPC worker, against plain `model.generate()` one request after another
-on the same model, in one run.
+real gRPC worker (`python -m llm_worker`, a process of its own), against plain
+`model.generate()` one request after another on the same model and dtype in
+this process, in one run.
 
-    python -m bench.worker [--streams 1,4,8,16] [--tokens 128] [--quick]
-                           [--model ID] [--device auto|cpu|cuda] [--out bench/results/worker]
+    python -m bench.worker [--streams 1,4,8,16] [--tokens 128] [--quick] [--model ID]
+                           [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
+                           [--out bench/results/worker]
 
 Both sides do the same work token for token: the baseline's greedy output
 for each prompt is what the worker is then asked to emit by forced decoding
@@ -171,34 +173,42 @@ async def run(
     quick: bool = False,
     say=None,
     threads: int = 0,
+    dtype: str = "auto",
 ) -> dict:
-    from conveyor_common.server import stop_server
+    from pathlib import Path
+
+    from bench.worker.servers import Subprocess, free_port, wait_serving
     from llm_worker.config import WorkerConfig
-    from llm_worker.engines.hf import build_hf_engine
-    from llm_worker.server import create_server
+    from llm_worker.loader import load
 
     say = say or common.progress("bench.worker")
-    # generate() runs on the same count for prefill and decode: so does the engine here.
-    config = WorkerConfig(
-        model=model,
-        device=device,
-        max_batch=max(streams),
-        threads=threads,
-        prefill_threads=threads,
-    )
-    engine = await asyncio.to_thread(build_hf_engine, config)
-    label = engine.label
-    engine.prefix_cache.max_tokens = 0  # every request pays its full prefill, as generate() does
+    # The baseline's model, in this process; the worker is a process of its
+    # own, as users run it (one process with both would hold two OpenMP pools).
+    config = WorkerConfig(model=model, device=device, dtype=dtype, threads=threads)
+    base_model, tokenizer, label = load(config)
+    device_name = str(base_model.get_input_embeddings().weight.device)
+    dtype_name = str(next(base_model.parameters()).dtype).removeprefix("torch.")
+    port = free_port()
+    # generate() runs on the same count for prefill and decode: so does the worker here.
+    argv = [
+        sys.executable, "-m", "llm_worker", "--port", str(port),
+        "--metrics-port", str(free_port()), "--device", device_name.split(":")[0],
+        "--dtype", dtype_name, "--max-batch", str(max(streams)),
+        "--threads", str(threads), "--prefill-threads", str(threads),
+        "--prefix-cache-tokens", "0",  # every request pays its full prefill, as generate() does
+    ]  # fmt: skip
+    if model:
+        argv += ["--model", model]
     texts = prompts(max(max(streams), baseline_requests))
-    server, port = await create_server(config, engine=engine)
     target = f"127.0.0.1:{port}"
-    say(f"model {label} on {engine.device}; generate() and one stream x{baseline_requests}")
     rows, generated, single = [], [], []
-    try:
+    with Subprocess(argv, Path(".cache/bench-worker/worker.log"), "the worker") as proc:
+        await wait_serving(target, proc)
+        say(f"model {label} on {device_name}; generate() and one stream x{baseline_requests}")
         # The baseline and the single stream alternate prompt by prompt, so a
         # drift in the machine's speed hits both sides of that ratio alike.
         for i, text in enumerate(texts[:baseline_requests]):
-            generated.append(generate_once(engine.model, engine.tokenizer, text, tokens))
+            generated.append(generate_once(base_model, tokenizer, text, tokens))
             single.append(await _streams(target, [text], [generated[-1].completion]))
             say(
                 f"prompt {i + 1}/{baseline_requests}: generate() "
@@ -220,8 +230,6 @@ async def run(
                 f"{row['per_stream_tokens_per_s']:.1f} per stream, "
                 f"TTFT {row['ttft_mean_s'] * 1000:.0f} ms"
             )
-    finally:
-        await stop_server(server, 0)
     one = next((r for r in rows if r["streams"] == 1), None)
     for row in rows:
         row["vs_one_stream"] = (
@@ -237,8 +245,8 @@ async def run(
         "machine": common.machine(),
         "config": {
             "model": label,
-            "device": str(engine.device),
-            "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+            "device": device_name,
+            "dtype": dtype_name,
             "torch_threads": torch.get_num_threads(),
             "tokens_per_stream": tokens,
             "streams": list(streams),
@@ -314,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 and 4 streams, 16 tokens (CI)")
     ap.add_argument("--model", default="", help="model id or path (default: the embedded one)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument(
         "--threads", type=int, default=0, help="worker CPU threads (default: torch's, per core)"
     )
@@ -335,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.device,
             args.quick,
             threads=args.threads,
+            dtype=args.dtype,
         )
     )
     common.publish(results, args.out, markdown(results))
