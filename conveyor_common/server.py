@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from conveyor_common.interceptors import RequestContextInterceptor
@@ -39,17 +39,38 @@ def new_server(max_receive_bytes: int | None = None) -> grpc.aio.Server:
     return grpc.aio.server(interceptors=[RequestContextInterceptor()], options=options)
 
 
+# Server reflection's current name; grpcio-reflection serves only v1alpha.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
 def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> HealthState:
-    """Adds health (NOT_SERVING until set) and reflection."""
+    """Adds health (NOT_SERVING until set) and reflection, v1 and v1alpha."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     names = list(service_names)
-    reflection.enable_server_reflection(
-        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    _add_reflection(server, [*names, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1])
     state = HealthState(servicer, names)
     _extras[server] = ServerExtras(health=state)
     return state
+
+
+def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
+    """One reflection servicer under both names. v1 is v1alpha renamed: the
+    same messages, fields and numbers (grpc/reflection/v1/reflection.proto),
+    so v1alpha's codecs serve v1 clients (grpcurl, Postman, grpcui) too."""
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1,))
 
 
 class HealthState:

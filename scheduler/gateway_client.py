@@ -46,6 +46,18 @@ def tool_from_pb(spec: common_pb2.ToolSpec) -> ToolInfo:
     )
 
 
+def tool_to_pb(tool: ToolInfo) -> common_pb2.ToolSpec:
+    """The spec a client of ListTools sees: all the scheduler knows of the tool."""
+    return common_pb2.ToolSpec(
+        name=tool.name,
+        description=tool.description,
+        parameters_json_schema=json.dumps(tool.parameters) if tool.parameters else "",
+        partial_mode=common_pb2.PartialMode.Value(f"PARTIAL_MODE_{tool.partial_mode.name}"),
+        partial_safe=tool.partial_safe,
+        command_field=tool.command_field,
+    )
+
+
 # Events the stream hands to the run: a unit started (call_id, index), a unit
 # result, a call outcome, an abort verdict; or the stream's failure.
 GatewayEvent = tuple[str, int] | UnitResult | UnitProgress | CallOutcome | AbortVerdict
@@ -70,7 +82,7 @@ class GatewayClient:
         await self.connected(timeout)
         try:
             response = await self._stub.ListTools(
-                tool_gateway_pb2.ListToolsRequest(),
+                tool_gateway_pb2.ToolGatewayServiceListToolsRequest(),
                 timeout=timeout,
                 metadata=outgoing_metadata(),
                 wait_for_ready=True,
@@ -272,7 +284,7 @@ def _event_from_pb(response: tool_gateway_pb2.ExecuteResponse) -> GatewayEvent:
         return CallOutcome(call_id, r.ok, r.output, r.units_executed, r.tool_seconds)
     if kind == "error":
         e = response.error
-        code = tool_gateway_pb2.ToolErrorCode.Name(e.code).removeprefix("TOOL_ERROR_CODE_")
+        code = common_pb2.ToolErrorCode.Name(e.code).removeprefix("TOOL_ERROR_CODE_")
         return CallOutcome(call_id, False, error_code=code, error_message=e.message)
     v = response.abort_verdict
     return AbortVerdict(call_id, v.reason, v.field, v.unit_index)

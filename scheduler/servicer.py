@@ -8,7 +8,7 @@ import uuid
 
 import grpc
 import structlog
-from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc, tool_gateway_pb2
+from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
 
 from conveyor_common.convert import (
     BadRequest,
@@ -20,7 +20,7 @@ from conveyor_common.types import Envelope, FinishReason
 from scheduler import events as ev
 from scheduler.config import SchedulerConfig
 from scheduler.envelopes import FORMATS
-from scheduler.gateway_client import GatewayClient, GatewayError
+from scheduler.gateway_client import GatewayClient, GatewayError, tool_to_pb
 from scheduler.run import Run, RunSpec
 from scheduler.tools import ToolInfo, default_envelopes, model_envelope
 from scheduler.worker_client import WorkerError
@@ -83,6 +83,14 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
                 envelope = None
             self._model, self._model_at = envelope, time.monotonic()
         return self._model
+
+    async def ListTools(self, request, context) -> conveyor_pb2.ListToolsResponse:
+        try:
+            hosted = await self._hosted_tools()
+        except GatewayError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        tools = sorted(hosted.values(), key=lambda t: t.name)
+        return conveyor_pb2.ListToolsResponse(tools=[tool_to_pb(t) for t in tools])
 
     async def Run(self, request, context):
         try:
@@ -208,12 +216,12 @@ def event_to_pb(event: ev.RunEvent, run_id: str, sequence: int) -> conveyor_pb2.
     elif isinstance(event, ev.UnitProgress):
         r.unit_progress.call_id = event.call_id
         r.unit_progress.progress.CopyFrom(
-            tool_gateway_pb2.UnitProgress(index=event.index, stdout=event.stdout)
+            common_pb2.UnitProgress(index=event.index, stdout=event.stdout)
         )
     elif isinstance(event, ev.UnitResult):
         r.unit_result.call_id = event.call_id
         r.unit_result.result.CopyFrom(
-            tool_gateway_pb2.UnitResult(
+            common_pb2.UnitResult(
                 index=event.index,
                 ok=event.ok,
                 stdout=event.stdout,
@@ -228,16 +236,14 @@ def event_to_pb(event: ev.RunEvent, run_id: str, sequence: int) -> conveyor_pb2.
         r.tool_call_finished.call_id = event.call_id
         if event.error_code:
             r.tool_call_finished.error.CopyFrom(
-                tool_gateway_pb2.ToolError(
-                    code=tool_gateway_pb2.ToolErrorCode.Value(
-                        f"TOOL_ERROR_CODE_{event.error_code}"
-                    ),
+                common_pb2.ToolError(
+                    code=common_pb2.ToolErrorCode.Value(f"TOOL_ERROR_CODE_{event.error_code}"),
                     message=event.error_message,
                 )
             )
         else:
             r.tool_call_finished.result.CopyFrom(
-                tool_gateway_pb2.CallResult(
+                common_pb2.CallResult(
                     ok=event.ok,
                     output=event.output,
                     units_executed=event.units_executed,
@@ -251,7 +257,7 @@ def event_to_pb(event: ev.RunEvent, run_id: str, sequence: int) -> conveyor_pb2.
     elif isinstance(event, ev.AbortVerdict):
         r.abort_verdict.call_id = event.call_id
         r.abort_verdict.verdict.CopyFrom(
-            tool_gateway_pb2.AbortVerdict(
+            common_pb2.AbortVerdict(
                 reason=event.reason, field=event.field, unit_index=event.unit_index
             )
         )

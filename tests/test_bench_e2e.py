@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conveyor.v1 import conveyor_pb2, tool_gateway_pb2
+from conveyor.v1 import common_pb2, conveyor_pb2
 
 from bench.e2e import workloads
 from bench.e2e.timeline import RunTimeline, Stamped
@@ -47,7 +47,7 @@ def _result(at, call, index, duration):
         at,
         unit_result=conveyor_pb2.ToolUnitResult(
             call_id=call,
-            result=tool_gateway_pb2.UnitResult(index=index, ok=True, duration_seconds=duration),
+            result=common_pb2.UnitResult(index=index, ok=True, duration_seconds=duration),
         ),
     )
 
@@ -90,7 +90,7 @@ def test_an_abort_verdict_ends_the_ideal_round_at_the_verdict():
         _event(
             1.3,
             abort_verdict=conveyor_pb2.ToolAbortVerdict(
-                call_id="call-0", verdict=tool_gateway_pb2.AbortVerdict(unit_index=0)
+                call_id="call-0", verdict=common_pb2.AbortVerdict(unit_index=0)
             ),
         ),
         _event(1.4, token_delta=conveyor_pb2.TokenDelta(text="late")),

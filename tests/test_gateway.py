@@ -110,7 +110,7 @@ class Stream:
         await asyncio.wait_for(self._reader, 15)
 
 
-def results(events) -> list[pb.UnitResult]:
+def results(events) -> list[common_pb2.UnitResult]:
     return [e.unit_result for e in events if e.WhichOneof("event") == "unit_result"]
 
 
@@ -138,7 +138,7 @@ def test_flags_make_the_config():
 
 
 async def test_list_tools_shows_python_and_its_partial_mode(stub):
-    response = await stub.ListTools(pb.ListToolsRequest(), timeout=5)
+    response = await stub.ListTools(pb.ToolGatewayServiceListToolsRequest(), timeout=5)
     tools = {t.name: t for t in response.tools}
     python = tools["python"]
     assert python.partial_mode == common_pb2.PARTIAL_MODE_PYTHON_STATEMENTS
@@ -209,7 +209,7 @@ async def test_unknown_tool_fails_that_call_and_the_stream_goes_on(stub):
     stream.units("a", "1")
     stream.close("a", 1)
     error = last(await stream.wait("a")).error
-    assert error.code == pb.TOOL_ERROR_CODE_UNKNOWN_TOOL
+    assert error.code == common_pb2.TOOL_ERROR_CODE_UNKNOWN_TOOL
     assert "'nope'" in error.message and "python" in error.message
     assert last(await stream.run("b", "1 + 1")).call_result.output == "2"
     assert len(stream.events["a"]) == 1  # the units of the failed call were dropped
@@ -220,16 +220,19 @@ async def test_out_of_order_messages_are_bad_requests(stub):
     stream = Stream(stub)
     stream.units("ghost", "1")
     error = last(await stream.wait("ghost")).error
-    assert error.code == pb.TOOL_ERROR_CODE_BAD_REQUEST and "open" in error.message
+    assert error.code == common_pb2.TOOL_ERROR_CODE_BAD_REQUEST and "open" in error.message
     stream.open("skip")
     stream.send("skip", unit=pb.CommandUnit(index=1, text="1"))
     error = last(await stream.wait("skip")).error
-    assert error.code == pb.TOOL_ERROR_CODE_BAD_REQUEST and "unit 0 was expected" in error.message
+    assert (
+        error.code == common_pb2.TOOL_ERROR_CODE_BAD_REQUEST
+        and "unit 0 was expected" in error.message
+    )
     stream.open("lost")
     stream.units("lost", "1")
     stream.close("lost", unit_count=2)
     error = last(await stream.wait("lost")).error
-    assert error.code == pb.TOOL_ERROR_CODE_BAD_REQUEST and "2 units" in error.message
+    assert error.code == common_pb2.TOOL_ERROR_CODE_BAD_REQUEST and "2 units" in error.message
     await stream.end()
 
 
@@ -253,7 +256,9 @@ async def test_unit_timeout_kills_the_interpreter(stub):
     stream.close("a", 3)
     events = await stream.wait("a")
     error = last(events).error
-    assert error.code == pb.TOOL_ERROR_CODE_TIMEOUT and f"{UNIT_TIMEOUT:g} s" in error.message
+    assert (
+        error.code == common_pb2.TOOL_ERROR_CODE_TIMEOUT and f"{UNIT_TIMEOUT:g} s" in error.message
+    )
     assert len(results(events)) == 1
     assert not await until_gone(before), "the timed-out interpreter is still alive"
     # The key now gets a fresh interpreter.
@@ -264,9 +269,11 @@ async def test_unit_timeout_kills_the_interpreter(stub):
 async def test_a_dead_interpreter_is_a_sandbox_error(stub):
     stream = Stream(stub)
     error = last(await stream.run("a", "import os; os.kill(os.getpid(), 9)")).error
-    assert error.code == pb.TOOL_ERROR_CODE_SANDBOX and "SIGKILL" in error.message
+    assert error.code == common_pb2.TOOL_ERROR_CODE_SANDBOX and "SIGKILL" in error.message
     error = last(await stream.run("b", "import os; os._exit(3)")).error
-    assert error.code == pb.TOOL_ERROR_CODE_SANDBOX and "exited with code 3" in error.message
+    assert (
+        error.code == common_pb2.TOOL_ERROR_CODE_SANDBOX and "exited with code 3" in error.message
+    )
     memory = results(await stream.run("c", "b = bytearray(8 << 30)", "'alive'"))
     assert "MemoryError" in memory[0].exception and memory[1].value == "'alive'"
     await stream.end()
@@ -327,7 +334,7 @@ async def test_a_call_that_ends_early_does_not_hold_up_its_session(stub):
     stream.close("c", 1)
     await stream.wait("a", "unit_started")
     stream.send("b", cancel=pb.CancelCall(reason="gave up"))
-    assert last(await stream.wait("b")).error.code == pb.TOOL_ERROR_CODE_CANCELLED
+    assert last(await stream.wait("b")).error.code == common_pb2.TOOL_ERROR_CODE_CANCELLED
     assert last(await stream.wait("c")).call_result.output == "c ran"
     assert last(await stream.wait("a")).call_result.ok
     # Failed on a unit sent out of order, with a later unit of its own queued.
@@ -337,7 +344,7 @@ async def test_a_call_that_ends_early_does_not_hold_up_its_session(stub):
     stream.open("e", session_key="t")
     stream.units("e", "print('e ran')")
     stream.close("e", 1)
-    assert last(await stream.wait("d")).error.code == pb.TOOL_ERROR_CODE_BAD_REQUEST
+    assert last(await stream.wait("d")).error.code == common_pb2.TOOL_ERROR_CODE_BAD_REQUEST
     assert last(await stream.wait("e")).call_result.output == "e ran"
     await stream.end()
 
@@ -350,7 +357,7 @@ async def test_cancel_call_kills_its_work(stub):
     await stream.wait("a", "unit_started")
     stream.send("a", cancel=pb.CancelCall(reason="user gave up"))
     error = last(await stream.wait("a")).error
-    assert error.code == pb.TOOL_ERROR_CODE_CANCELLED and "user gave up" in error.message
+    assert error.code == common_pb2.TOOL_ERROR_CODE_CANCELLED and "user gave up" in error.message
     assert not await until_gone(before)
     await stream.end()
 
@@ -379,7 +386,7 @@ async def test_ending_the_stream_finishes_closed_calls_and_cancels_open_ones(stu
     stream.close("closed", 2)
     await stream.end()
     assert last(stream.events["closed"]).call_result.output == "'done'"
-    assert last(stream.events["open"]).error.code == pb.TOOL_ERROR_CODE_CANCELLED
+    assert last(stream.events["open"]).error.code == common_pb2.TOOL_ERROR_CODE_CANCELLED
     assert not await until_gone(before)
 
 

@@ -17,7 +17,7 @@ import time
 
 import grpc
 import pytest
-from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc, tool_gateway_pb2
+from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
 
 from conveyor_common.server import stop_server
 from tests.test_processes import free_port, wait_serving
@@ -137,7 +137,7 @@ async def test_64_runs_with_a_nan_and_a_forger_among_them(worker, gateway_proces
     assert not isinstance(forged, grpc.aio.AioRpcError), forged
     errors = [e.tool_call_finished.error for e in forged
               if e.WhichOneof("event") == "tool_call_finished"]  # fmt: skip
-    assert len(errors) == 1 and errors[0].code == tool_gateway_pb2.TOOL_ERROR_CODE_SANDBOX, errors
+    assert len(errors) == 1 and errors[0].code == common_pb2.TOOL_ERROR_CODE_SANDBOX, errors
     assert forged[-1].run_finished.finish_reason == common_pb2.FINISH_REASON_FORCED_END
 
     for i, events in enumerate(outcomes[2:], start=2):

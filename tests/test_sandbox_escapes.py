@@ -12,7 +12,7 @@ import sys
 
 import grpc
 import pytest
-from conveyor.v1 import tool_gateway_pb2, tool_gateway_pb2_grpc
+from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 
 from conveyor_common.server import stop_server
 from tests.conftest import descendant_pids
@@ -127,7 +127,7 @@ async def test_an_infinite_loop_in_a_child_process_dies_with_the_session(stub):
         "while True: pass",
     )
     error = last(events).error
-    assert error.code == pb.TOOL_ERROR_CODE_TIMEOUT
+    assert error.code == common_pb2.TOOL_ERROR_CODE_TIMEOUT
     assert not await until_gone(before), "a looping child outlived the timeout"
     await stream.end()
 
@@ -216,7 +216,10 @@ async def test_interpreters_past_max_sessions_fail_with_a_clear_error():
             await asyncio.gather(stream.wait("a", "unit_result"), stream.wait("b", "unit_result"))
             third = await stream.run("c", "print('three')")
             error = last(third).error
-            assert error.code == pb.TOOL_ERROR_CODE_SANDBOX and "--max-sessions" in error.message
+            assert (
+                error.code == common_pb2.TOOL_ERROR_CODE_SANDBOX
+                and "--max-sessions" in error.message
+            )
             stream.close("a", 1)  # a session ends: its slot is free again
             await stream.wait("a")
             for attempt in range(20):

@@ -10,7 +10,7 @@ import asyncio
 
 import grpc
 import pytest
-from conveyor.v1 import tool_gateway_pb2, tool_gateway_pb2_grpc
+from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 
 from conveyor_common.server import stop_server
 from tests.test_gateway import Stream, last, results
@@ -62,7 +62,7 @@ def sandbox_error(events) -> str:
     """The message of the call's SANDBOX error (fails on any other ending)."""
     end = last(events)
     assert end.WhichOneof("event") == "error", end
-    assert end.error.code == pb.TOOL_ERROR_CODE_SANDBOX, end.error
+    assert end.error.code == common_pb2.TOOL_ERROR_CODE_SANDBOX, end.error
     assert "broke the protocol" in end.error.message and "killed" in end.error.message
     return end.error.message
 

@@ -225,7 +225,10 @@ async def stub(gateway_port):
 
 
 async def test_calculator_is_listed_as_a_lines_tool(stub):
-    tools = {t.name: t for t in (await stub.ListTools(pb.ListToolsRequest(), timeout=5)).tools}
+    tools = {
+        t.name: t
+        for t in (await stub.ListTools(pb.ToolGatewayServiceListToolsRequest(), timeout=5)).tools
+    }
     spec = tools["calculator"]
     assert spec.partial_mode == common_pb2.PARTIAL_MODE_LINES
     assert spec.partial_safe and spec.command_field == "expression"

@@ -196,7 +196,7 @@ async def test_from_config_locates_the_sample_and_caps_the_timeout(sample_path):
 
 
 async def test_list_tools_shows_database_with_sql_statements(stub):
-    response = await stub.ListTools(pb.ListToolsRequest(), timeout=5)
+    response = await stub.ListTools(pb.ToolGatewayServiceListToolsRequest(), timeout=5)
     tools = {t.name: t for t in response.tools}
     db = tools["database"]
     assert db.partial_mode == common_pb2.PARTIAL_MODE_SQL_STATEMENTS
@@ -395,7 +395,7 @@ async def test_cancel_call_interrupts_the_running_query(patient_stub):
     assert sql_threads(), "the slow query is not running"
     stream.send("a", cancel=pb.CancelCall(reason="user gave up"))
     error = last(await stream.wait("a", timeout=5)).error
-    assert error.code == pb.TOOL_ERROR_CODE_CANCELLED and "user gave up" in error.message
+    assert error.code == common_pb2.TOOL_ERROR_CODE_CANCELLED and "user gave up" in error.message
     assert not await until_no_sql_threads(2.0), "the query kept running after the cancel"
     # The session (same key) is usable at once: the interrupted query let go of it.
     events = await stream.sql("b", "SELECT 1 AS one;", session_key="s")

@@ -103,7 +103,9 @@ async def stub(tools_file):
 
 
 async def test_list_tools_shows_the_file_tools_as_declared(stub):
-    tools = {t.name: t for t in (await stub.ListTools(pb.ListToolsRequest())).tools}
+    tools = {
+        t.name: t for t in (await stub.ListTools(pb.ToolGatewayServiceListToolsRequest())).tools
+    }
     assert set(tools) == {"shout", "order", "broken", "weather"}
     assert tools["shout"].partial_mode == common_pb2.PARTIAL_MODE_LINES
     assert tools["shout"].partial_safe and tools["shout"].command_field == "text"

@@ -213,7 +213,7 @@ def test_free_text_becomes_quoted_terms():
 
 
 async def test_list_tools_shows_search(local_stub):
-    response = await local_stub.ListTools(pb.ListToolsRequest(), timeout=5)
+    response = await local_stub.ListTools(pb.ToolGatewayServiceListToolsRequest(), timeout=5)
     (search,) = response.tools
     assert search.name == "search" and "Python documentation" in search.description
     assert search.partial_mode == common_pb2.PARTIAL_MODE_JSON_FIELDS
@@ -288,7 +288,7 @@ async def test_a_call_sent_whole_runs_from_its_full_text(local_stub):
 
 async def test_http_adapter_queries_the_service(http_stub, search_api):
     SearchApi.requests.clear()
-    response = await http_stub.ListTools(pb.ListToolsRequest(), timeout=5)
+    response = await http_stub.ListTools(pb.ToolGatewayServiceListToolsRequest(), timeout=5)
     assert response.tools[0].partial_mode == common_pb2.PARTIAL_MODE_JSON_FIELDS
     units = parsed_units({"queries": ["partial execution", "boom", "garbage"], "top_k": 4})
     events = await call(http_stub, "a", units)

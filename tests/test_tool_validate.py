@@ -87,7 +87,10 @@ def kinds(events) -> list[str]:
 
 
 async def test_book_flight_is_listed_as_a_json_fields_tool(stub):
-    tools = {t.name: t for t in (await stub.ListTools(pb.ListToolsRequest(), timeout=5)).tools}
+    tools = {
+        t.name: t
+        for t in (await stub.ListTools(pb.ToolGatewayServiceListToolsRequest(), timeout=5)).tools
+    }
     spec = tools["book_flight"]
     assert spec.partial_mode == common_pb2.PARTIAL_MODE_JSON_FIELDS and spec.partial_safe
     schema = json.loads(spec.parameters_json_schema)
@@ -193,7 +196,7 @@ async def test_a_missing_required_argument_fails_the_call_at_its_end(stub):
     events = await call(stream, "a", {"origin": "JFK", "destination": "LHR", "passengers": 1})
     assert all(u.ok for u in results(events)) and "abort_verdict" not in kinds(events)
     error = last(events).error
-    assert error.code == pb.TOOL_ERROR_CODE_BAD_REQUEST
+    assert error.code == common_pb2.TOOL_ERROR_CODE_BAD_REQUEST
     assert error.message == (
         "book_flight: missing required arguments: departure_date, passenger_names"
     )

@@ -26,8 +26,10 @@ class ToolGatewayServicer(tool_gateway_pb2_grpc.ToolGatewayServiceServicer):
         self._streams: set[StreamExecutor] = set()
         self._closing: set[asyncio.Task] = set()
 
-    async def ListTools(self, request, context) -> tool_gateway_pb2.ListToolsResponse:
-        return tool_gateway_pb2.ListToolsResponse(
+    async def ListTools(
+        self, request, context
+    ) -> tool_gateway_pb2.ToolGatewayServiceListToolsResponse:
+        return tool_gateway_pb2.ToolGatewayServiceListToolsResponse(
             tools=[spec_to_pb(s) for s in self._registry.specs()]
         )
 
@@ -137,7 +139,7 @@ def event_to_pb(event: m.Event) -> tool_gateway_pb2.ExecuteResponse:
         o = event.outcome
         return tool_gateway_pb2.ExecuteResponse(
             call_id=event.call_id,
-            unit_result=tool_gateway_pb2.UnitResult(
+            unit_result=common_pb2.UnitResult(
                 index=o.index,
                 ok=o.ok,
                 stdout=o.stdout,
@@ -151,12 +153,12 @@ def event_to_pb(event: m.Event) -> tool_gateway_pb2.ExecuteResponse:
     if isinstance(event, m.UnitProgress):
         return tool_gateway_pb2.ExecuteResponse(
             call_id=event.call_id,
-            unit_progress=tool_gateway_pb2.UnitProgress(index=event.index, stdout=event.stdout),
+            unit_progress=common_pb2.UnitProgress(index=event.index, stdout=event.stdout),
         )
     if isinstance(event, m.Aborted):
         return tool_gateway_pb2.ExecuteResponse(
             call_id=event.call_id,
-            abort_verdict=tool_gateway_pb2.AbortVerdict(
+            abort_verdict=common_pb2.AbortVerdict(
                 reason=event.reason, field=event.field, unit_index=event.unit_index
             ),
         )
@@ -164,7 +166,7 @@ def event_to_pb(event: m.Event) -> tool_gateway_pb2.ExecuteResponse:
         o = event.outcome
         return tool_gateway_pb2.ExecuteResponse(
             call_id=event.call_id,
-            call_result=tool_gateway_pb2.CallResult(
+            call_result=common_pb2.CallResult(
                 ok=o.ok,
                 output=o.output,
                 units_executed=o.units_executed,
@@ -173,8 +175,8 @@ def event_to_pb(event: m.Event) -> tool_gateway_pb2.ExecuteResponse:
         )
     return tool_gateway_pb2.ExecuteResponse(
         call_id=event.call_id,
-        error=tool_gateway_pb2.ToolError(
-            code=tool_gateway_pb2.ToolErrorCode.Value(f"TOOL_ERROR_CODE_{event.code.value}"),
+        error=common_pb2.ToolError(
+            code=common_pb2.ToolErrorCode.Value(f"TOOL_ERROR_CODE_{event.code.value}"),
             message=event.message,
         ),
     )

@@ -73,7 +73,7 @@ async def _hop(scheduler: str, worker: str, gateway: str, quick: bool) -> dict:
 
     async with grpc.aio.insecure_channel(gateway) as g_channel:
         listed = await tool_gateway_pb2_grpc.ToolGatewayServiceStub(g_channel).ListTools(
-            tool_gateway_pb2.ListToolsRequest(), timeout=30
+            tool_gateway_pb2.ToolGatewayServiceListToolsRequest(), timeout=30
         )
     tool = next(t for t in listed.tools if t.name == "calculator")
     # What the scheduler sends the worker for a tool: name, description, schema.
