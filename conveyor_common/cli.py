@@ -1,18 +1,29 @@
-"""A command-line client of ConveyorService.Run that prints the streamed
-events readably: tokens as they come, each unit dispatched and its result,
-and the timing breakdown.
+"""`conveyor`, the command-line client of ConveyorService: runs print their
+streamed events readably (tokens as they come, each unit dispatched and its
+result, the timing breakdown) or as JSON, one event per line.
 
-    python -m conveyor_common.cli "Write Python that prints 2**10" --mode partial
+    conveyor run "Write Python that prints 2**10" [--mode partial|sequential]
+                 [--system TEXT] [--tools python,calculator] [--temperature T]
+                 [--seed N] [--max-new-tokens N] [--max-rounds N] [--timeout S] [--json]
+    conveyor tools [--json]
+    conveyor chat            (one run per line you type; the conversation carries on)
+
+Every command takes --target (default localhost:50051). `python -m
+conveyor_common.cli` is the same program.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import grpc
 from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
+from google.protobuf import json_format
 
 from conveyor_common.defaults import SCHEDULER_PORT
 
@@ -106,59 +117,182 @@ class Printer:
         self.out.flush()
 
 
+class JsonPrinter:
+    """One event per line, in proto3's JSON mapping (what grpcurl prints)."""
+
+    def __init__(self, out=sys.stdout):
+        self.out = out
+
+    def event(self, r: conveyor_pb2.RunResponse) -> None:
+        self.out.write(json.dumps(json_format.MessageToDict(r)) + "\n")
+        self.out.flush()
+
+
+@dataclass
+class RunOptions:
+    system: str = DEFAULT_SYSTEM
+    partial: bool = True
+    tools: Sequence[str] = ()  # empty: every hosted tool
+    temperature: float = 0.0  # greedy
+    seed: int | None = None
+    max_new_tokens: int = 256
+    max_rounds: int = 2
+    timeout: float = 600.0
+    history: list[common_pb2.ChatMessage] = field(default_factory=list)  # earlier turns
+
+
+def run_request(prompt: str, options: RunOptions) -> conveyor_pb2.RunRequest:
+    messages = [common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=options.system)]
+    messages += options.history
+    messages.append(common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=prompt))
+    sampling = common_pb2.SamplingParams(
+        temperature=options.temperature, max_new_tokens=options.max_new_tokens
+    )
+    if options.seed is not None:
+        sampling.seed = options.seed
+    return conveyor_pb2.RunRequest(
+        messages=messages,
+        tool_names=list(options.tools),
+        mode=conveyor_pb2.EXECUTION_MODE_PARTIAL
+        if options.partial
+        else conveyor_pb2.EXECUTION_MODE_SEQUENTIAL,
+        sampling=sampling,
+        max_rounds=options.max_rounds,
+    )
+
+
 async def run_once(
     target: str,
     prompt: str,
-    *,
-    system: str = DEFAULT_SYSTEM,
-    partial: bool = True,
-    max_new_tokens: int = 256,
-    max_rounds: int = 2,
-    timeout: float = 600.0,
-) -> conveyor_pb2.RunFinished:
-    request = conveyor_pb2.RunRequest(
-        messages=[
-            common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=system),
-            common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=prompt),
-        ],
-        mode=conveyor_pb2.EXECUTION_MODE_PARTIAL
-        if partial
-        else conveyor_pb2.EXECUTION_MODE_SEQUENTIAL,
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens),
-        max_rounds=max_rounds,
-    )
-    printer = Printer()
+    options: RunOptions | None = None,
+    printer: Printer | JsonPrinter | None = None,
+) -> conveyor_pb2.RunFinished | None:
+    """Streams one run to `printer`; its RunFinished (None if it had none)."""
+    options = options or RunOptions()
+    printer = printer or Printer()
     finished = None
     async with grpc.aio.insecure_channel(target) as channel:
         stub = conveyor_pb2_grpc.ConveyorServiceStub(channel)
-        async for response in stub.Run(request, timeout=timeout):
+        async for response in stub.Run(run_request(prompt, options), timeout=options.timeout):
             printer.event(response)
             if response.WhichOneof("event") == "run_finished":
                 finished = response.run_finished
     return finished
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description="Send one run to a Conveyor scheduler")
-    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    p.add_argument("--target", default=f"localhost:{SCHEDULER_PORT}")
-    p.add_argument("--mode", choices=["partial", "sequential"], default="partial")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-rounds", type=int, default=2)
-    args = p.parse_args()
-    try:
-        asyncio.run(
-            run_once(
-                args.target,
-                args.prompt,
-                partial=args.mode == "partial",
-                max_new_tokens=args.max_new_tokens,
-                max_rounds=args.max_rounds,
+async def list_tools(target: str, timeout: float = 10.0) -> list[common_pb2.ToolSpec]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = conveyor_pb2_grpc.ConveyorServiceStub(channel)
+        return list((await stub.ListTools(conveyor_pb2.ListToolsRequest(), timeout=timeout)).tools)
+
+
+def print_tools(tools: Sequence[common_pb2.ToolSpec], as_json: bool, out=sys.stdout) -> None:
+    for tool in tools:
+        if as_json:
+            out.write(json.dumps(json_format.MessageToDict(tool)) + "\n")
+            continue
+        mode = common_pb2.PartialMode.Name(tool.partial_mode).removeprefix("PARTIAL_MODE_")
+        early = ", runs while decoding" if tool.partial_safe else ""
+        out.write(f"{tool.name}  ({mode.lower()}{early})\n")
+        out.write(f"    {tool.description}\n")
+        schema = json.loads(tool.parameters_json_schema or "{}")
+        for name, spec in schema.get("properties", {}).items():
+            out.write(f"    - {name}: {spec.get('type', 'any')}  {spec.get('description', '')}\n")
+
+
+async def chat(target: str, options: RunOptions, lines, out=sys.stdout) -> int:
+    """One run per line read; each answer joins the conversation. Returns
+    the number of runs."""
+    runs = 0
+    printer = Printer(out)
+    for line in lines:
+        prompt = line.strip()
+        if prompt in ("/exit", "/quit"):
+            break
+        if not prompt:
+            continue
+        finished = await run_once(target, prompt, options, printer)
+        runs += 1
+        options.history.append(common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=prompt))
+        if finished is not None and finished.final_text:
+            options.history.append(
+                common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, content=finished.final_text)
             )
-        )
+        if out.isatty():
+            out.write("> ")
+            out.flush()
+    return runs
+
+
+def _stdin_lines():
+    if sys.stdin.isatty():
+        sys.stdout.write("Conveyor chat: a line is a turn; /exit or end of input to leave.\n> ")
+        sys.stdout.flush()
+    yield from sys.stdin
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conveyor", description="A client of Conveyor's scheduler")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--target", default=f"localhost:{SCHEDULER_PORT}", help="scheduler")
+
+    def run_flags(cmd: argparse.ArgumentParser) -> None:
+        common(cmd)
+        cmd.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt")
+        cmd.add_argument("--tools", default="", help="comma-separated tool names (default: all)")
+        cmd.add_argument("--mode", choices=["partial", "sequential"], default="partial")
+        cmd.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        cmd.add_argument("--seed", type=int, default=None)
+        cmd.add_argument("--max-new-tokens", type=int, default=256, help="per round")
+        cmd.add_argument("--max-rounds", type=int, default=2)
+        cmd.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+
+    run = sub.add_parser("run", help="one run, its events as they stream")
+    run.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    run_flags(run)
+    run.add_argument("--json", action="store_true", help="one JSON event per line")
+    tools = sub.add_parser("tools", help="the tools a run may call")
+    common(tools)
+    tools.add_argument("--json", action="store_true", help="one JSON tool spec per line")
+    run_flags(sub.add_parser("chat", help="an interactive conversation, one run per turn"))
+    return p
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        system=args.system,
+        partial=args.mode == "partial",
+        tools=[t.strip() for t in args.tools.split(",") if t.strip()],
+        temperature=args.temperature,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        max_rounds=args.max_rounds,
+        timeout=args.timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "tools":
+            print_tools(asyncio.run(list_tools(args.target)), args.json)
+        elif args.command == "run":
+            printer = JsonPrinter() if args.json else Printer()
+            finished = asyncio.run(run_once(args.target, args.prompt, _options(args), printer))
+            if finished is None:
+                sys.stderr.write("the run ended without a RunFinished event\n")
+                return 1
+        else:
+            asyncio.run(chat(args.target, _options(args), _stdin_lines()))
     except grpc.aio.AioRpcError as e:
-        sys.exit(f"run failed: {e.code().name}: {e.details()}")
+        sys.stderr.write(f"conveyor {args.command} failed: {e.code().name}: {e.details()}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
