@@ -2,6 +2,8 @@
 local stack runner (a test checks the compose file against these)."""
 
 SCHEDULER_PORT = 50051
+# The scheduler's OpenAI-compatible HTTP API (on in `make run` and compose).
+SCHEDULER_HTTP_PORT = 8080
 WORKER_PORT = 50052
 GATEWAY_PORT = 50053
 

@@ -20,7 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conveyor_common.defaults import GATEWAY_PORT, SCHEDULER_PORT, WORKER_PORT
+from conveyor_common.defaults import (
+    GATEWAY_PORT,
+    SCHEDULER_HTTP_PORT,
+    SCHEDULER_PORT,
+    WORKER_PORT,
+)
 from conveyor_common.healthcheck import check
 
 STATE_DIR = Path(".cache/stack")
@@ -60,6 +65,8 @@ SERVICES = (
             f"dns:///localhost:{WORKER_PORT}",
             "--gateway-target",
             f"dns:///localhost:{GATEWAY_PORT}",
+            "--http-port",
+            str(SCHEDULER_HTTP_PORT),
         ),
     ),
 )
@@ -176,7 +183,10 @@ def main() -> None:
     pids = start()
     wait_healthy(pids)
     if args.command == "up":
-        _say(f"up: scheduler on localhost:{SCHEDULER_PORT}; `make down` stops it")
+        _say(
+            f"up: scheduler on localhost:{SCHEDULER_PORT} (gRPC) and "
+            f"http://localhost:{SCHEDULER_HTTP_PORT}/v1 (OpenAI API); `make down` stops it"
+        )
         return
     from conveyor_common.cli import DEFAULT_PROMPT, run_once
 

@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-timeout", type=float, default=600.0, help="seconds, when no deadline")
     p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) on "
+        "this port, on --host (default: off; 0 picks a free port)",
+    )
+    p.add_argument(
         "--connect-timeout",
         type=float,
         default=CONNECT_TIMEOUT_S,
@@ -73,6 +80,7 @@ class SchedulerConfig:
     max_request_bytes: int = MAX_REQUEST_BYTES
     run_timeout: float = 600.0
     connect_timeout: float = CONNECT_TIMEOUT_S
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_rounds <= self.max_rounds_limit:
@@ -83,6 +91,8 @@ class SchedulerConfig:
         for name in ("max_request_bytes", "run_timeout", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535] (got {self.http_port})")
         if self.max_abort_retries < 0:
             raise ValueError(f"max_abort_retries must be >= 0 (got {self.max_abort_retries})")
 
@@ -97,4 +107,5 @@ class SchedulerConfig:
             max_request_bytes=ns.max_request_bytes,
             run_timeout=ns.run_timeout,
             connect_timeout=ns.connect_timeout,
+            http_port=ns.http_port,
         )

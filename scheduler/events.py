@@ -97,6 +97,7 @@ class Timing:
     parse_lag_seconds: float = 0.0
     rounds: int = 0
     completion_tokens: int = 0
+    prompt_tokens: int = 0  # summed over rounds, each round's whole prompt
 
 
 @dataclass(frozen=True)

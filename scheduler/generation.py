@@ -60,6 +60,7 @@ class Generation:
                         break  # a verdict came while this delta was on its way
                     if isinstance(item, WorkerDone):
                         done = item
+                        self._run.timing.prompted(item.prompt_tokens)
                         break
                     table.delta_at = time.perf_counter()
                     self.output_started = True

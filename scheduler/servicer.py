@@ -278,6 +278,7 @@ def event_to_pb(event: ev.RunEvent, run_id: str, sequence: int) -> conveyor_pb2.
                     parse_lag_seconds=t.parse_lag_seconds,
                     rounds=t.rounds,
                     completion_tokens=t.completion_tokens,
+                    prompt_tokens=t.prompt_tokens,
                 ),
             )
         )

@@ -15,6 +15,7 @@ class TimingRecorder:
         self._tools: list[tuple[float, float]] = []
         self._lags: list[float] = []
         self._tokens = 0
+        self._prompt_tokens = 0
 
     def decoded(self, start: float, end: float) -> None:
         self._decode.append((start, end))
@@ -28,6 +29,10 @@ class TimingRecorder:
 
     def tokens(self, n: int) -> None:
         self._tokens += n
+
+    def prompted(self, n: int) -> None:
+        """A round's prompt was `n` tokens (each round's counts)."""
+        self._prompt_tokens += n
 
     def hidden_seconds(self) -> float:
         return sum(
@@ -49,4 +54,5 @@ class TimingRecorder:
             parse_lag_seconds=sum(self._lags) / len(self._lags) if self._lags else 0.0,
             rounds=len(self._decode),
             completion_tokens=self._tokens,
+            prompt_tokens=self._prompt_tokens,
         )

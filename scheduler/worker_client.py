@@ -28,6 +28,7 @@ class WorkerDone:
     completion_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    prompt_tokens: int = 0
 
 
 class WorkerError(Exception):
@@ -84,6 +85,7 @@ class WorkerClient:
                         c.completion_tokens,
                         c.prefill_seconds,
                         c.decode_seconds,
+                        c.prompt_tokens,
                     )
                     return
                 else:
@@ -97,6 +99,13 @@ class WorkerClient:
 
     async def tool_call_format(self, timeout: float = 10.0) -> str:
         """The tool-call format the worker's model writes ("" when unknown)."""
+        return (await self.model_info(timeout)).tool_call_format
+
+    async def model_name(self, timeout: float = 10.0) -> str:
+        """The worker's model, as GetModelInfo names it."""
+        return (await self.model_info(timeout)).model
+
+    async def model_info(self, timeout: float = 10.0) -> llm_worker_pb2.GetModelInfoResponse:
         try:
             await wait_connected(
                 self._channel, "llm_worker", self._target, min(self._connect_timeout, timeout)
@@ -108,7 +117,7 @@ class WorkerClient:
             raise WorkerError(str(e)) from None
         except grpc.aio.AioRpcError as e:
             raise WorkerError(f"llm_worker {e.code().name}: {e.details()}") from e
-        return response.tool_call_format
+        return response
 
     async def abort(self, request_id: str) -> bool:
         try:
