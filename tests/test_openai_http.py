@@ -213,3 +213,19 @@ async def test_the_readme_openai_example_runs_as_written(http_url):
     out, err = await asyncio.wait_for(proc.communicate(), 240)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert out, "the example printed no content"  # the tiny model writes noise
+
+
+async def test_langchains_openai_chat_model_works_against_it(client, http_url):
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        base_url=f"{http_url}/v1",
+        api_key="unused",
+        model=await _model(client),
+        max_tokens=8,
+        extra_body={"conveyor": {"max_rounds": 1}},
+    )
+    reply = await chat.ainvoke("Say hi.")
+    assert isinstance(reply.content, str)
+    chunks = [c async for c in chat.astream("Say hi.")]
+    assert chunks and all(isinstance(c.content, str) for c in chunks)
