@@ -296,21 +296,31 @@ def markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.worker.engines")
-    ap.add_argument("--streams", help="concurrency levels, comma-separated (default 1,4,8,16)")
+def parse_args(
+    argv: Sequence[str] | None, prog: str, full: Sequence[int], out: str
+) -> tuple[tuple[int, ...], int, bool, str]:
+    """The flags every side-by-side worker bench takes: (streams, tokens, quick, out)."""
+    ap = argparse.ArgumentParser(prog=prog)
+    default = ",".join(map(str, full))
+    ap.add_argument("--streams", help=f"concurrency levels, comma-separated (default {default})")
     ap.add_argument("--tokens", type=int, help="tokens per stream (default 128; quick 16)")
     ap.add_argument("--quick", action="store_true", help="1 and 4 streams, 16 tokens")
-    ap.add_argument("--out", default="bench/results/engines", help="writes <out>.md and .json")
+    ap.add_argument("--out", default=out, help="writes <out>.md and .json")
     args = ap.parse_args(argv)
     streams = (
         tuple(int(s) for s in args.streams.split(","))
         if args.streams
-        else (QUICK_STREAMS if args.quick else FULL_STREAMS)
+        else tuple(QUICK_STREAMS if args.quick else full)
     )
-    tokens = args.tokens or (16 if args.quick else 128)
-    results = asyncio.run(run(streams, tokens, args.quick))
-    common.publish(results, args.out, markdown(results))
+    return streams, args.tokens or (16 if args.quick else 128), args.quick, args.out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    streams, tokens, quick, out = parse_args(
+        argv, "python -m bench.worker.engines", FULL_STREAMS, "bench/results/engines"
+    )
+    results = asyncio.run(run(streams, tokens, quick))
+    common.publish(results, out, markdown(results))
     exact = all(
         r["exact_streams"] == r["streams"] for rows in results["engines"].values() for r in rows
     )

@@ -18,7 +18,6 @@ bf16 worker's own greedy output is compared with float32's and reported.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -31,12 +30,11 @@ from dataclasses import dataclass
 
 from bench import common
 from bench.worker.__main__ import StreamResult, _streams, prompts, summarize_streams
-from bench.worker.engines import VLLM_PYTHON, _rows
+from bench.worker.engines import VLLM_PYTHON, _rows, parse_args
 from bench.worker.servers import ROOT, Subprocess, free_port, wait_serving
 
 LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
 FULL_STREAMS = (1, 16)
-QUICK_STREAMS = (1, 4)
 GOAL_BOUND_SHARE = 0.60  # one stream at ≥ 60 % of the float32 bandwidth bound
 BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -353,20 +351,11 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.worker.peers")
-    ap.add_argument("--streams", help="concurrency levels, comma-separated (default 1,16)")
-    ap.add_argument("--tokens", type=int, help="tokens per stream (default 128; quick 16)")
-    ap.add_argument("--quick", action="store_true", help="1 and 4 streams, 16 tokens")
-    ap.add_argument("--out", default="bench/results/peers", help="writes <out>.md and .json")
-    args = ap.parse_args(argv)
-    streams = (
-        tuple(int(s) for s in args.streams.split(","))
-        if args.streams
-        else (QUICK_STREAMS if args.quick else FULL_STREAMS)
+    streams, tokens, quick, out = parse_args(
+        argv, "python -m bench.worker.peers", FULL_STREAMS, "bench/results/peers"
     )
-    tokens = args.tokens or (16 if args.quick else 128)
-    results = asyncio.run(run(streams, tokens, args.quick))
-    common.publish(results, args.out, markdown(results))
+    results = asyncio.run(run(streams, tokens, quick))
+    common.publish(results, out, markdown(results))
     return 0 if results["goals"][-1]["met"] else 1
 
 
