@@ -52,6 +52,7 @@ class FinishReason(str, Enum):
     MAX_ROUNDS = "MAX_ROUNDS"
     ERROR = "ERROR"
     FORCED_END = "FORCED_END"
+    TOOL_CALLS = "TOOL_CALLS"
 
 
 @dataclass(frozen=True)

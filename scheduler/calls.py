@@ -22,6 +22,7 @@ from scheduler.envelopes import CallBody, CallClosed, CallOpened, CallText, Scan
 from scheduler.events import (
     AbortVerdict,
     CallOutcome,
+    ClientToolCall,
     ParseError,
     RunEvent,
     ToolCallStarted,
@@ -112,6 +113,7 @@ class CallTable:
         self._gateway_down = ""  # why the gateway stream failed, once it has
         self._current: Call | None = None
         self._to_gateway = _GatewayTarget(self)
+        self._to_client = _ClientTarget(emit)
 
     # ---- calls from the scan -----------------------------------------------
 
@@ -175,7 +177,11 @@ class CallTable:
 
     def start_tool_call(self, call: Call, tool: ToolInfo, session_key: str | None = None) -> None:
         """Opens the call on the gateway; calls share the run's sessions
-        unless given a key ("" for a session of the call's own)."""
+        unless given a key ("" for a session of the call's own). A client
+        tool's call goes to the client instead, whole, once complete."""
+        if tool.client:
+            self.started(call, tool, self._to_client)
+            return
         self.started(call, tool, self._to_gateway)
         key = self._run_id if session_key is None else session_key
         self._ensure_stream().open(call.call_id, tool.name, session_key=key)
@@ -194,6 +200,8 @@ class CallTable:
             call.outcome.set_result(error)
 
     def _unit_ready(self, call: Call, unit: ParsedUnit) -> None:
+        if call.tool.client:
+            return  # the client gets the arguments whole, at the call's close
         check_unit(call.tool.partial_mode, unit.text)
         # The one difference between the modes.
         if self._partial and call.tool.partial_safe:
@@ -282,6 +290,29 @@ class CallTable:
             outcome = CallOutcome(call.call_id, False, error_code="SANDBOX", error_message=message)
             self._emit(outcome)
             call.outcome.set_result(outcome)
+
+
+class _ClientTarget:
+    """A client tool's call: its complete arguments go out as an event, and
+    the run ends after the round (the client runs it and sends the result)."""
+
+    def __init__(self, emit: Callable[[RunEvent], None]):
+        self._emit = emit
+
+    def unit(self, call: Call, unit: ParsedUnit) -> None:
+        pass  # units never come: _unit_ready keeps them back
+
+    def close(self, call: Call, full_text: str) -> None:
+        event = ClientToolCall(call.call_id, call.tool.name, full_text.strip(), call.round)
+        self._emit(event)
+        if not call.outcome.done():
+            call.outcome.set_result(event)
+
+    def cancel(self, call: Call, reason: str) -> None:
+        if not call.outcome.done():
+            call.outcome.set_result(
+                CallOutcome(call.call_id, False, error_code="CANCELLED", error_message=reason)
+            )
 
 
 class _GatewayTarget:

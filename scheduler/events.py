@@ -111,6 +111,16 @@ class RunFinished:
     rejected: bool = False
 
 
+@dataclass(frozen=True)
+class ClientToolCall:
+    """A complete call of a tool the client runs."""
+
+    call_id: str
+    tool_name: str
+    arguments_json: str
+    round: int
+
+
 RunEvent = (
     RoundStarted
     | TokenDelta
@@ -121,5 +131,6 @@ RunEvent = (
     | CallOutcome
     | ParseError
     | AbortVerdict
+    | ClientToolCall
     | RunFinished
 )

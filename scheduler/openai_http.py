@@ -42,6 +42,7 @@ _ROLES = {
 _FINISH = {
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_MAX_ROUNDS: "length",
+    common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 # Runs that ended this way produced no answer: an error, not a completion.
 _FAILED = {
@@ -125,57 +126,89 @@ def _content(message: dict, i: int) -> str:
     raise ApiError("content must be a string or a list of parts", param=f"messages[{i}].content")
 
 
+def _tool_call_text(calls: object, where: str) -> tuple[str, dict[str, str]]:
+    """An assistant message's tool_calls as the model writes them (Hermes
+    tags), and each call's id -> tool name for the tool messages after it."""
+    if not isinstance(calls, list):
+        raise ApiError("tool_calls must be a list", param=where)
+    blocks, names = [], {}
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ApiError("each tool call needs function.name", param=f"{where}[{j}]")
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except (TypeError, json.JSONDecodeError):
+            raise ApiError("arguments must be JSON text", param=f"{where}[{j}]") from None
+        names[str(call.get("id", ""))] = function["name"]
+        body = json.dumps({"name": function["name"], "arguments": arguments})
+        blocks.append(f"<tool_call>\n{body}\n</tool_call>")
+    return "\n".join(blocks), names
+
+
 def _messages(body: dict) -> list[common_pb2.ChatMessage]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError("messages must be a non-empty list", param="messages")
-    out = []
+    out, called = [], {}
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise ApiError(
                 f"messages[{i}].role must be one of {', '.join(_ROLES)}",
                 param=f"messages[{i}].role",
             )
+        content = _content(m, i)
         if m["role"] == "assistant" and m.get("tool_calls"):
-            raise ApiError(
-                "assistant tool_calls are not supported yet: hosted tools run server-side",
-                param=f"messages[{i}].tool_calls",
-            )
+            text, names = _tool_call_text(m["tool_calls"], f"messages[{i}].tool_calls")
+            called.update(names)
+            # This server's replies hold the calls' own text in content; a
+            # client that dropped it gets the calls written back in.
+            if "<tool_call>" not in content:
+                content = f"{content}\n{text}" if content else text
+        tool_call_id = str(m.get("tool_call_id") or "")
         out.append(
             common_pb2.ChatMessage(
                 role=_ROLES[m["role"]],
-                content=_content(m, i),
-                name=str(m.get("name") or ""),
-                tool_call_id=str(m.get("tool_call_id") or ""),
+                content=content,
+                name=str(m.get("name") or called.get(tool_call_id, "")),
+                tool_call_id=tool_call_id,
             )
         )
     return out
 
 
-def _tool_names(body: dict, hosted: set[str]) -> list[str]:
-    """The hosted tools the request names (empty: every hosted tool)."""
+def _tools(body: dict, hosted: set[str]) -> tuple[list[str], list[common_pb2.ToolSpec]]:
+    """The hosted tools the request names (none named: every hosted tool),
+    and the function tools it defines that the client runs."""
+    if body.get("tool_choice", "auto") not in ("auto", None):
+        raise ApiError('only tool_choice "auto" is supported', param="tool_choice")
     tools = body.get("tools")
     if tools is None:
-        return []
+        return [], []
     if not isinstance(tools, list):
         raise ApiError("tools must be a list", param="tools")
-    names = []
+    names, client = [], []
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not function:
             raise ApiError('each tool must be {"type": "function", ...}', param=f"tools[{i}]")
         name = function.get("name") if isinstance(function, dict) else None
-        if name not in hosted:
-            raise ApiError(
-                f"tool {name!r} is not hosted here, and function tools the client runs are not "
-                f"supported yet; hosted tools: {', '.join(sorted(hosted))}",
-                param=f"tools[{i}].function.name",
+        if not isinstance(name, str) or not name:
+            raise ApiError("each function needs a name", param=f"tools[{i}].function.name")
+        if name in hosted:
+            names.append(name)
+            continue
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise ApiError("parameters must be an object", param=f"tools[{i}].function.parameters")
+        client.append(
+            common_pb2.ToolSpec(
+                name=name,
+                description=str(function.get("description") or ""),
+                parameters_json_schema=json.dumps(parameters),
             )
-        names.append(name)
-    choice = body.get("tool_choice", "auto")
-    if choice not in ("auto", None):
-        raise ApiError('only tool_choice "auto" is supported', param="tool_choice")
-    return names
+        )
+    return names, client
 
 
 def parse_chat_request(body: object, model: str, hosted: set[str]) -> ChatRequest:
@@ -221,10 +254,12 @@ def parse_chat_request(body: object, model: str, hosted: set[str]) -> ChatReques
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError("stream_options must be an object", param="stream_options")
+    names, client_tools = _tools(body, hosted)
     run = conveyor_pb2.RunRequest(
         run_id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
         messages=_messages(body),
-        tool_names=_tool_names(body, hosted),
+        tool_names=names,
+        client_tools=client_tools,
         mode=conveyor_pb2.EXECUTION_MODE_PARTIAL,
         sampling=sampling,
     )
@@ -334,13 +369,15 @@ class ChatCompletions:
             call.cancel()  # a no-op once the run ended; stops it if the client left
 
     async def _whole(self, chat: ChatRequest, call) -> web.Response:
-        text, events = [], []
+        text, events, tool_calls = [], [], []
         finished = None
         try:
             async for event in call:
                 kind = event.WhichOneof("event")
                 if kind == "token_delta":
                     text.append(event.token_delta.text)
+                elif kind == "client_tool_call":
+                    tool_calls.append(_tool_call(event.client_tool_call))
                 elif kind == "run_finished":
                     finished = event.run_finished
                 if (extra := conveyor_extra(event)) is not None:
@@ -358,7 +395,11 @@ class ChatCompletions:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": "".join(text)},
+                        "message": {
+                            "role": "assistant",
+                            "content": "".join(text),
+                            **({"tool_calls": tool_calls} if tool_calls else {}),
+                        },
                         "finish_reason": _FINISH.get(finished.finish_reason, "stop"),
                     }
                 ],
@@ -391,12 +432,17 @@ class ChatCompletions:
             }
 
         await send(chunk({"role": "assistant", "content": ""}))
-        finished = None
+        finished, calls = None, 0
         try:
             async for event in call:
                 kind = event.WhichOneof("event")
                 if kind == "token_delta":
                     await send(chunk({"content": event.token_delta.text}))
+                    continue
+                if kind == "client_tool_call":
+                    delta = {"index": calls, **_tool_call(event.client_tool_call)}
+                    await send(chunk({"tool_calls": [delta]}))
+                    calls += 1
                     continue
                 if kind == "run_finished":
                     finished = event.run_finished
@@ -412,6 +458,14 @@ class ChatCompletions:
                 await send({**head, "choices": [], "usage": _usage(finished)})
         await send("[DONE]")
         return response
+
+
+def _tool_call(call: conveyor_pb2.ClientToolCall) -> dict:
+    return {
+        "id": call.call_id,
+        "type": "function",
+        "function": {"name": call.tool_name, "arguments": call.arguments_json},
+    }
 
 
 def _grpc_error(e: grpc.aio.AioRpcError) -> ApiError:

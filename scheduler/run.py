@@ -129,7 +129,12 @@ class Run:
         except Exception as e:  # a failed service ends the run with a clear reason
             log.warning("run failed", error=str(e))
             reason, message = FinishReason.ERROR, str(e)
-        if reason in (FinishReason.STOP, FinishReason.MAX_ROUNDS, FinishReason.FORCED_END):
+        if reason in (
+            FinishReason.STOP,
+            FinishReason.MAX_ROUNDS,
+            FinishReason.FORCED_END,
+            FinishReason.TOOL_CALLS,
+        ):
             await self._table.finish_stream(wait=5.0)
         else:
             self._table.cancel_stream()
@@ -179,6 +184,10 @@ class Run:
                 messages.append(_verdict_message(table.calls[verdict.call_id], verdict))
                 continue
             calls = [c for c in table.calls.values() if c.round == round_no and c.read_back]
+            if any(c.tool is not None and c.tool.client and not c.failed for c in calls):
+                # The client runs these and continues the conversation itself;
+                # the round's hosted calls still finish (their events go out).
+                return FinishReason.TOOL_CALLS, "", text
             if not calls:
                 return done.finish_reason, "", text
             outcomes = [await call.outcome for call in calls]

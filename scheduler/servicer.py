@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -50,6 +51,8 @@ TOOLS_TTL_S = 30.0
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 MAX_MESSAGES = 1024
 MAX_TOOL_NAMES = 256
+# What a client tool may be named (OpenAI's rule for function names).
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
@@ -154,6 +157,8 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
             raise BadRequest(f"messages: {len(request.messages)} is over {MAX_MESSAGES}")
         if len(request.tool_names) > MAX_TOOL_NAMES:
             raise BadRequest(f"tool_names: {len(request.tool_names)} is over {MAX_TOOL_NAMES}")
+        if len(request.client_tools) > MAX_TOOL_NAMES:
+            raise BadRequest(f"client_tools: {len(request.client_tools)} is over {MAX_TOOL_NAMES}")
 
     def _spec(self, request, run_id, hosted, model: Envelope | None, remaining) -> RunSpec:
         if not request.messages:
@@ -163,6 +168,11 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
             raise BadRequest(f"unknown tools {unknown}; hosted: {sorted(hosted)}")
         names = list(request.tool_names) or list(hosted)
         tools = {n: hosted[n] for n in names}
+        for i, spec in enumerate(request.client_tools):
+            tool = _client_tool(spec, f"client_tools[{i}]")
+            if tool.name in hosted or tool.name in tools:
+                raise BadRequest(f"client_tools[{i}].name: {tool.name!r} is already a tool here")
+            tools[tool.name] = tool
         envelopes = {_ENVELOPES[e] for e in request.envelopes if e in _ENVELOPES}
         if Envelope.PLAN in envelopes and len(envelopes) > 1:
             raise BadRequest("the plan envelope reads the whole output as a plan: use it alone")
@@ -183,6 +193,19 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
         )
 
 
+def _client_tool(spec: common_pb2.ToolSpec, where: str) -> ToolInfo:
+    """A tool the client runs: its name, description and argument schema."""
+    if not _TOOL_NAME.fullmatch(spec.name):
+        raise BadRequest(f"{where}.name: {spec.name!r} is not 1-64 of [A-Za-z0-9_.-]")
+    try:
+        schema = json.loads(spec.parameters_json_schema) if spec.parameters_json_schema else {}
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"{where}.parameters_json_schema: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise BadRequest(f"{where}.parameters_json_schema: must be a JSON object")
+    return ToolInfo(spec.name, spec.description, schema, client=True)
+
+
 def event_to_pb(event: ev.RunEvent, run_id: str, sequence: int) -> conveyor_pb2.RunResponse:
     r = conveyor_pb2.RunResponse(run_id=run_id, sequence=sequence)
     if isinstance(event, ev.TokenDelta):
@@ -193,6 +216,15 @@ def event_to_pb(event: ev.RunEvent, run_id: str, sequence: int) -> conveyor_pb2.
         )
     elif isinstance(event, ev.RoundStarted):
         r.round_started.round = event.round
+    elif isinstance(event, ev.ClientToolCall):
+        r.client_tool_call.CopyFrom(
+            conveyor_pb2.ClientToolCall(
+                call_id=event.call_id,
+                tool_name=event.tool_name,
+                arguments_json=event.arguments_json,
+                round=event.round,
+            )
+        )
     elif isinstance(event, ev.ToolCallStarted):
         r.tool_call_started.CopyFrom(
             conveyor_pb2.ToolCallStarted(

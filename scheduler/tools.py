@@ -21,6 +21,7 @@ class ToolInfo:
     partial_mode: PartialMode = PartialMode.WHOLE
     partial_safe: bool = False
     command_field: str = ""
+    client: bool = False  # the client runs it: the run ends at the round that calls it
 
     def as_tool_def(self) -> ToolDef:
         return ToolDef(self.name, self.description, self.parameters)

@@ -5,6 +5,7 @@ completions, so the sandboxed python tool really runs)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -143,10 +144,11 @@ async def test_sampling_parameters_are_accepted_and_limits_apply(client):
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
         (
-            {"tools": [{"type": "function", "function": {"name": "get_weather"}}]},
+            {"tools": [{"type": "function", "function": {"name": ""}}]},
             400,
             "tools[0].function.name",
         ),
+        ({"tool_choice": "required"}, 400, "tool_choice"),
         ({"conveyor": {"mode": "eager"}}, 400, "conveyor.mode"),
     ],
 )
@@ -229,3 +231,78 @@ async def test_langchains_openai_chat_model_works_against_it(client, http_url):
     assert isinstance(reply.content, str)
     chunks = [c async for c in chat.astream("Say hi.")]
     assert chunks and all(isinstance(c.content, str) for c in chunks)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+async def test_a_client_tool_round_trip_as_openai_does_it(client):
+    """The model calls a tool the client defines: tool_calls and finish_reason
+    "tool_calls"; the client's role "tool" message continues the conversation."""
+    model = await _model(client)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = await client.chat.completions.create(
+        model=model, messages=messages, tools=[WEATHER], extra_body=_forced(WEATHER_CALL, "x")
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+    ]
+    answer = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        tools=[WEATHER],
+        extra_body=_forced("It is 18 C and sunny in Paris."),
+    )
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.content == "It is 18 C and sunny in Paris."
+    assert not answer.choices[0].message.tool_calls
+
+
+async def test_a_streamed_client_tool_call_and_a_hosted_tool_in_one_conversation(client):
+    """Round 0 runs hosted Python server-side; round 1 calls the client's tool."""
+    stream = await client.chat.completions.create(
+        model=await _model(client),
+        messages=[{"role": "user", "content": "Compute, then ask for the weather."}],
+        tools=[WEATHER],
+        stream=True,
+        extra_body=_forced(PROGRAM, WEATHER_CALL, "x"),
+    )
+    calls, finish, events = {}, None, []
+    async for chunk in stream:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for delta in choice.delta.tool_calls or []:
+                calls.setdefault(delta.index, [delta.id, delta.function.name, ""])
+                calls[delta.index][2] += delta.function.arguments or ""
+        if (chunk.model_extra or {}).get("conveyor"):
+            events.append(chunk.model_extra["conveyor"])
+    assert finish == "tool_calls"
+    assert [(name, json.loads(args)) for _, name, args in calls.values()] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    results = [e["result"] for e in events if e["event"] == "unit_result"]
+    assert any(r.get("stdout") == "42\n" for r in results)
+
+
+async def test_a_client_tool_named_like_a_hosted_one_is_the_hosted_one(client):
+    reply = await client.chat.completions.create(
+        model=await _model(client),
+        messages=[{"role": "user", "content": "6 * 7"}],
+        tools=[{"type": "function", "function": {"name": "python"}}],
+        extra_body=_forced(PROGRAM, ANSWER),
+    )
+    assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls

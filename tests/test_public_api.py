@@ -113,3 +113,45 @@ async def test_the_readme_python_client_runs_as_written(scheduler):
     lines = out.decode().splitlines()
     assert lines[0].startswith("tools: ") and "python" in lines[0]
     assert any(line.startswith("run_finished") for line in lines), lines[-5:]
+
+
+def _client_run(*tools: common_pb2.ToolSpec, forced: str = "") -> conveyor_pb2.RunRequest:
+    return conveyor_pb2.RunRequest(
+        messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="Weather?")],
+        client_tools=list(tools),
+        forced_completions=[forced] if forced else [],
+        max_rounds=2,
+    )
+
+
+WEATHER = common_pb2.ToolSpec(
+    name="get_weather", parameters_json_schema='{"type": "object", "properties": {}}'
+)
+
+
+async def test_a_client_tool_call_ends_the_run_for_the_client(stub):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    events = [e async for e in stub.Run(_client_run(WEATHER, forced=call), timeout=60)]
+    kinds = [e.WhichOneof("event") for e in events]
+    (made,) = [e.client_tool_call for e in events if e.WhichOneof("event") == "client_tool_call"]
+    assert made.tool_name == "get_weather" and json.loads(made.arguments_json) == {"city": "Oslo"}
+    assert kinds.count("round_started") == 1  # no second round: the client runs the tool
+    assert events[-1].run_finished.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
+    assert "unit_dispatched" not in kinds  # nothing went to the gateway
+
+
+async def test_bad_client_tools_are_invalid_arguments(stub):
+    bad = [
+        common_pb2.ToolSpec(name="python"),  # a hosted tool's name
+        common_pb2.ToolSpec(name="has space"),
+        common_pb2.ToolSpec(name="f", parameters_json_schema="[1]"),
+        common_pb2.ToolSpec(name="f", parameters_json_schema="{nope"),
+    ]
+    for spec in bad:
+        try:
+            async for _ in stub.Run(_client_run(spec), timeout=30):
+                pass
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "client_tools[0]" in e.details()
+        else:
+            raise AssertionError(f"{spec} was accepted")
