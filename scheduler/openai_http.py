@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import structlog
@@ -57,6 +58,7 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+PLAYGROUND = Path(__file__).with_name("playground.html")
 # A body over this is refused (413) before it is read: the gRPC request cap's
 # default (4 MiB) plus room for JSON's overhead over protobuf.
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -347,6 +349,20 @@ class ChatCompletions:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def tools(self, request: web.Request) -> web.Response:
+        """ListTools in proto3's JSON mapping (for the playground)."""
+        try:
+            listed = await self._stub.ListTools(conveyor_pb2.ListToolsRequest(), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            return _grpc_error(e).response()
+        return web.json_response(json_format.MessageToDict(listed))
+
+    async def playground(self, request: web.Request) -> web.Response:
+        """The playground page: a prompt, tools and mode, and the run's live
+        timeline (tokens, each unit's dispatch and result), with a rerun of
+        the same output in the other mode beside it."""
+        return web.Response(text=PLAYGROUND.read_text(encoding="utf-8"), content_type="text/html")
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
             try:
@@ -489,6 +505,8 @@ class HttpFrontDoor:
         app.router.add_post("/v1/chat/completions", handlers.chat)
         app.router.add_get("/v1/models", handlers.models)
         app.router.add_get("/health", handlers.health)
+        app.router.add_get("/v1/conveyor/tools", handlers.tools)
+        app.router.add_get("/ui", handlers.playground)
         # A client that disconnects cancels its handler, and so its run.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         self.port = 0
