@@ -27,13 +27,17 @@ from google.protobuf import json_format
 
 from conveyor_common.defaults import SCHEDULER_PORT
 
+# Chosen so the default SmolLM2-135M writes a program of several statements
+# (each runs while it writes the next) and then states the printed result,
+# in bfloat16 and float32 alike, instead of writing the program again.
 DEFAULT_SYSTEM = (
-    "You are a helpful assistant. When a task needs computation, write Python code "
-    "in a ```python block; it is executed and you see the output."
+    "You are a helpful assistant. Solve tasks by writing one ```python block that prints "
+    "the result. You will then be shown the printed output; reply with one short sentence "
+    "that states it, and do not write code again."
 )
 DEFAULT_PROMPT = (
-    "Write Python code that computes the sum of the squares of the numbers "
-    "from 1 to 10 and prints it."
+    "Write a Python program with three steps: make a list of the numbers 1 to 10, square "
+    "each one into a new list, then print the sum of that list."
 )
 
 
