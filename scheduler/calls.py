@@ -23,6 +23,7 @@ from scheduler.events import (
     AbortVerdict,
     CallOutcome,
     ClientToolCall,
+    ClientToolCallDelta,
     ParseError,
     RunEvent,
     ToolCallStarted,
@@ -66,6 +67,7 @@ class Call:
     text: list[str] = field(default_factory=list)
     held: list[tuple[ParsedUnit, float]] = field(default_factory=list)  # (unit, completed at)
     units_sent: int = 0
+    arguments_sent: int = 0  # of a client call's arguments text, streamed so far
     failed: bool = False  # its text could not be parsed
     step: bool = False  # a plan step's call: its outcome goes to its plan
     final_answer: bool = False  # a plan of no tool step: the model's answer, not a call
@@ -135,6 +137,8 @@ class CallTable:
             if isinstance(event, CallText):
                 call.text.append(event.text)
                 units = call.parser.feed(event.text)
+                if call.tool is not None and call.tool.client:
+                    self._client_arguments(call)
             else:
                 units = call.parser.finish()
             for unit in units:
@@ -160,6 +164,18 @@ class CallTable:
             tool = self.tools[event.tool]
             self.start_tool_call(call, tool)
             call.parser = parser_for(tool.partial_mode)
+
+    def _client_arguments(self, call: Call) -> None:
+        """Streams the new part of a client call's arguments (formats whose
+        parser keeps the arguments text; the others send them whole at close)."""
+        parser = call.parser
+        if not isinstance(parser, ToolCallTagParser):
+            return
+        text = parser.arguments_text
+        if len(text) > call.arguments_sent:
+            delta = text[call.arguments_sent :]
+            call.arguments_sent = len(text)
+            self._emit(ClientToolCallDelta(call.call_id, call.tool.name, delta))
 
     def _arguments_of(self, call: Call, name: str) -> UnitParser:
         """The call's text named its tool: the call starts now, and its
@@ -303,7 +319,8 @@ class _ClientTarget:
         pass  # units never come: _unit_ready keeps them back
 
     def close(self, call: Call, full_text: str) -> None:
-        event = ClientToolCall(call.call_id, call.tool.name, full_text.strip(), call.round)
+        # Not stripped: the streamed deltas, joined, are this text's beginning.
+        event = ClientToolCall(call.call_id, call.tool.name, full_text, call.round)
         self._emit(event)
         if not call.outcome.done():
             call.outcome.set_result(event)

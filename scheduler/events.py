@@ -121,6 +121,15 @@ class ClientToolCall:
     round: int
 
 
+@dataclass(frozen=True)
+class ClientToolCallDelta:
+    """More of a client tool call's arguments text, as the model writes it."""
+
+    call_id: str
+    tool_name: str
+    arguments_delta: str
+
+
 RunEvent = (
     RoundStarted
     | TokenDelta
@@ -132,5 +141,6 @@ RunEvent = (
     | ParseError
     | AbortVerdict
     | ClientToolCall
+    | ClientToolCallDelta
     | RunFinished
 )

@@ -448,17 +448,18 @@ class ChatCompletions:
             }
 
         await send(chunk({"role": "assistant", "content": ""}))
-        finished, calls = None, 0
+        finished = None
+        streamed: dict[str, tuple[int, str]] = {}  # call id -> (index, arguments sent)
         try:
             async for event in call:
                 kind = event.WhichOneof("event")
                 if kind == "token_delta":
                     await send(chunk({"content": event.token_delta.text}))
                     continue
-                if kind == "client_tool_call":
-                    delta = {"index": calls, **_tool_call(event.client_tool_call)}
-                    await send(chunk({"tool_calls": [delta]}))
-                    calls += 1
+                if kind in ("client_tool_call_delta", "client_tool_call"):
+                    delta = _tool_call_delta(event, streamed)
+                    if delta is not None:
+                        await send(chunk({"tool_calls": [delta]}))
                     continue
                 if kind == "run_finished":
                     finished = event.run_finished
@@ -474,6 +475,35 @@ class ChatCompletions:
                 await send({**head, "choices": [], "usage": _usage(finished)})
         await send("[DONE]")
         return response
+
+
+def _tool_call_delta(
+    event: conveyor_pb2.RunResponse, streamed: dict[str, tuple[int, str]]
+) -> dict | None:
+    """A streamed `tool_calls` entry: the first piece of a call carries its
+    id and name, later ones only more arguments; the complete call sends
+    whatever its pieces had not (all of it, when none came)."""
+    if event.WhichOneof("event") == "client_tool_call_delta":
+        d = event.client_tool_call_delta
+        call_id, name, more = d.call_id, d.tool_name, d.arguments_delta
+    else:
+        c = event.client_tool_call
+        call_id, name = c.call_id, c.tool_name
+        sent = streamed.get(call_id, (0, ""))[1]
+        more = c.arguments_json[len(sent) :] if c.arguments_json.startswith(sent) else ""
+        if call_id in streamed and not more:
+            return None
+    if call_id in streamed:
+        index, sent = streamed[call_id]
+        streamed[call_id] = (index, sent + more)
+        return {"index": index, "function": {"arguments": more}}
+    streamed[call_id] = (len(streamed), more)
+    return {
+        "index": streamed[call_id][0],
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": more},
+    }
 
 
 def _tool_call(call: conveyor_pb2.ClientToolCall) -> dict:

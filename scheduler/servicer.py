@@ -216,6 +216,14 @@ def event_to_pb(event: ev.RunEvent, run_id: str, sequence: int) -> conveyor_pb2.
         )
     elif isinstance(event, ev.RoundStarted):
         r.round_started.round = event.round
+    elif isinstance(event, ev.ClientToolCallDelta):
+        r.client_tool_call_delta.CopyFrom(
+            conveyor_pb2.ClientToolCallDelta(
+                call_id=event.call_id,
+                tool_name=event.tool_name,
+                arguments_delta=event.arguments_delta,
+            )
+        )
     elif isinstance(event, ev.ClientToolCall):
         r.client_tool_call.CopyFrom(
             conveyor_pb2.ClientToolCall(

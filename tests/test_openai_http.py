@@ -281,19 +281,21 @@ async def test_a_streamed_client_tool_call_and_a_hosted_tool_in_one_conversation
         stream=True,
         extra_body=_forced(PROGRAM, WEATHER_CALL, "x"),
     )
-    calls, finish, events = {}, None, []
+    calls, finish, events, pieces = {}, None, [], 0
     async for chunk in stream:
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
             for delta in choice.delta.tool_calls or []:
                 calls.setdefault(delta.index, [delta.id, delta.function.name, ""])
                 calls[delta.index][2] += delta.function.arguments or ""
+                pieces += 1
         if (chunk.model_extra or {}).get("conveyor"):
             events.append(chunk.model_extra["conveyor"])
     assert finish == "tool_calls"
     assert [(name, json.loads(args)) for _, name, args in calls.values()] == [
         ("get_weather", {"city": "Paris"})
     ]
+    assert pieces > 1  # the arguments streamed as the model wrote them
     results = [e["result"] for e in events if e["event"] == "unit_result"]
     assert any(r.get("stdout") == "42\n" for r in results)
 

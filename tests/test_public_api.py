@@ -136,6 +136,12 @@ async def test_a_client_tool_call_ends_the_run_for_the_client(stub):
     (made,) = [e.client_tool_call for e in events if e.WhichOneof("event") == "client_tool_call"]
     assert made.tool_name == "get_weather" and json.loads(made.arguments_json) == {"city": "Oslo"}
     assert kinds.count("round_started") == 1  # no second round: the client runs the tool
+    pieces = [
+        e.client_tool_call_delta.arguments_delta
+        for e in events
+        if e.WhichOneof("event") == "client_tool_call_delta"
+    ]
+    assert len(pieces) > 1 and made.arguments_json.startswith("".join(pieces))
     assert events[-1].run_finished.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS
     assert "unit_dispatched" not in kinds  # nothing went to the gateway
 
