@@ -34,6 +34,11 @@ def machine() -> dict:
     }
 
 
+def cpu_name(m: dict) -> str:
+    """The CPU as a report names it, from `machine()`'s fields."""
+    return m["cpu_model"] or m["processor"] or m["machine"]
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 

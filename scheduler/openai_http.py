@@ -393,7 +393,8 @@ class ChatCompletions:
                 if kind == "token_delta":
                     text.append(event.token_delta.text)
                 elif kind == "client_tool_call":
-                    tool_calls.append(_tool_call(event.client_tool_call))
+                    c = event.client_tool_call
+                    tool_calls.append(_tool_call(c.call_id, c.tool_name, c.arguments_json))
                 elif kind == "run_finished":
                     finished = event.run_finished
                 if (extra := conveyor_extra(event)) is not None:
@@ -498,20 +499,12 @@ def _tool_call_delta(
         streamed[call_id] = (index, sent + more)
         return {"index": index, "function": {"arguments": more}}
     streamed[call_id] = (len(streamed), more)
-    return {
-        "index": streamed[call_id][0],
-        "id": call_id,
-        "type": "function",
-        "function": {"name": name, "arguments": more},
-    }
+    return {"index": streamed[call_id][0], **_tool_call(call_id, name, more)}
 
 
-def _tool_call(call: conveyor_pb2.ClientToolCall) -> dict:
-    return {
-        "id": call.call_id,
-        "type": "function",
-        "function": {"name": call.tool_name, "arguments": call.arguments_json},
-    }
+def _tool_call(call_id: str, name: str, arguments: str) -> dict:
+    """One entry of OpenAI's `tool_calls`."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _grpc_error(e: grpc.aio.AioRpcError) -> ApiError:

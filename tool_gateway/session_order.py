@@ -61,7 +61,3 @@ class SessionOrder:
             del self._queues[ticket.key]
             return
         next(iter(queue.values())).turn.set()
-
-    def waiting(self, key: tuple[str, str]) -> int:
-        """How many tickets of `key` are outstanding (for tests and logs)."""
-        return len(self._queues.get(key, ()))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench import common
+
 PAPER_BEST_PCT = 38.8  # the paper's largest reduction without early abort
 GOAL_SHARE_PCT = 90.0
 
@@ -15,7 +17,7 @@ def _pct(v: float | None) -> str:
 
 def markdown(results: dict) -> str:
     m, cfg = results["machine"], results["config"]
-    cpu = m["cpu_model"] or m["processor"] or m["machine"]
+    cpu = common.cpu_name(m)
     out = [
         "# Conveyor end to end: partial vs sequential execution",
         "",

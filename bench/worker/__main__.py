@@ -271,7 +271,7 @@ async def run(
 
 def markdown(results: dict) -> str:
     m, cfg, base = results["machine"], results["config"], results["generate"]
-    cpu = m["cpu_model"] or m["processor"] or m["machine"]
+    cpu = common.cpu_name(m)
     out = [
         "# Conveyor worker decode speed",
         "",

@@ -249,7 +249,7 @@ def _overhead(engines: dict[str, list[dict]]) -> dict:
 
 def markdown(results: dict) -> str:
     m, cfg = results["machine"], results["config"]
-    cpu = m["cpu_model"] or m["processor"] or m["machine"]
+    cpu = common.cpu_name(m)
     direct = {r["streams"]: r for r in results["engines"].get("vLLM direct", [])}
     hf = {r["streams"]: r for r in results["engines"].get("hf", [])}
     out = [

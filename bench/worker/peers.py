@@ -300,7 +300,7 @@ def _goal(what: str, value: float, target: float, at_most: bool = False) -> dict
 
 def markdown(results: dict) -> str:
     m, cfg = results["machine"], results["config"]
-    cpu = m["cpu_model"] or m["processor"] or m["machine"]
+    cpu = common.cpu_name(m)
     out = [
         "# The worker against the bandwidth bound and its CPU peers",
         "",

@@ -403,12 +403,9 @@ class HfEngine:
     def _prefill_together(self, group: list[_Sequence]) -> int:
         """One left-padded forward over several whole prompts; each row then
         goes on exactly as a lone prefill would. Returns the padded tokens."""
-        for _ in group:
-            self._waiting.popleft()
-        now = time.perf_counter()
         for seq in group:
-            seq.queue_seconds = now - seq.enqueued_at
-            metrics.QUEUE_TIME.observe(seq.queue_seconds)
+            self._waiting.popleft()
+            self._dequeued(seq)
         width = max(len(s.prompt) for s in group)
         ids = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
@@ -446,8 +443,7 @@ class HfEngine:
                 self._prefilled(seq, kv.select([i]), out.logits[i : i + 1, -1])
             except Exception as e:
                 self._fail(seq, e, "prefill failed")
-        rate = seconds / sum(len(s.prompt) for s in group)
-        self._prefill_s_per_token = 0.8 * self._prefill_s_per_token + 0.2 * rate
+        self._learn_prefill_rate(seconds, sum(len(s.prompt) for s in group))
         return width * len(group)
 
     def _prefill_part(self, seq: _Sequence, tokens: int) -> int:
@@ -455,8 +451,7 @@ class HfEngine:
         prefix); once the prompt is done, the request goes on. Returns the
         tokens run."""
         if seq.partial is None and seq.prefilled == 0:
-            seq.queue_seconds = time.perf_counter() - seq.enqueued_at
-            metrics.QUEUE_TIME.observe(seq.queue_seconds)
+            self._dequeued(seq)
             reused, entry = self.prefix_cache.lookup(seq.prompt)
             reused = min(reused, len(seq.prompt) - 1)  # at least one token gives the logits
             if entry is not None and reused > 0:
@@ -481,12 +476,23 @@ class HfEngine:
             return len(piece)  # more chunks to come; it stays at the head
         self._waiting.popleft()
         if not seq.cached_tokens:  # a cold prefill keeps the per-token estimate current
-            rate = seq.prefill_seconds / len(seq.prompt)
-            self._prefill_s_per_token = 0.8 * self._prefill_s_per_token + 0.2 * rate
+            self._learn_prefill_rate(seq.prefill_seconds, len(seq.prompt))
         metrics.PROMPT_TOKENS.inc(len(seq.prompt))
         kv, seq.partial = KVBatch.single(seq.partial), None
         self._prefilled(seq, kv, out.logits[:, -1])
         return len(piece)
+
+    def _dequeued(self, seq: _Sequence) -> None:
+        """Its wait in the queue ends with its first prefill (counted once,
+        also when a failed batched prefill hands it back to prefill alone)."""
+        if not seq.queue_seconds:
+            seq.queue_seconds = time.perf_counter() - seq.enqueued_at
+            metrics.QUEUE_TIME.observe(seq.queue_seconds)
+
+    def _learn_prefill_rate(self, seconds: float, tokens: int) -> None:
+        """Folds a cold prefill's cost per token into the running estimate
+        (what `prefill_seconds_saved` is reckoned with)."""
+        self._prefill_s_per_token = 0.8 * self._prefill_s_per_token + 0.2 * seconds / tokens
 
     def _prefilled(self, seq: _Sequence, kv: KVBatch, logits: torch.Tensor) -> None:
         """A prompt is in `kv`: its first token, then it ends, parks or joins."""
