@@ -77,6 +77,12 @@ class RelayEngine:
         """Requests inside the engine; an engine that can see its own set says."""
         return len(self._active)
 
+    def _cancelled(self, cancel: asyncio.Future) -> None:
+        """An engine-side cancel finished. The gauge is read again now: a
+        handler cancelled while it waited set it before the engine let go."""
+        self._cancels.discard(cancel)
+        metrics.RUNNING.set(self.in_flight())
+
     async def _cancel(self, engine_id: str) -> None:
         """Stops a request the stream has left early (a stop string, an
         abort, a dropped client): it must leave the engine's batch now."""
@@ -171,7 +177,7 @@ class RelayEngine:
                 # Shielded and held, so a cancelled handler still cancels it.
                 cancel = asyncio.ensure_future(self._cancel(engine_id))
                 self._cancels.add(cancel)
-                cancel.add_done_callback(self._cancels.discard)
+                cancel.add_done_callback(self._cancelled)
                 await asyncio.shield(cancel)
             await chunks.aclose()
         metrics.GENERATED_TOKENS.inc(len(out.generated))
