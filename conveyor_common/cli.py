@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,16 @@ from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
 from google.protobuf import json_format
 
 from conveyor_common.defaults import SCHEDULER_PORT
+from conveyor_common.security import (
+    ClientSecurity,
+    ClientToken,
+    SecurityConfigError,
+    StaticToken,
+    TlsFiles,
+)
+
+# The API token, when --token-file is not given.
+TOKEN_ENV = "CONVEYOR_TOKEN"
 
 # Chosen so the default SmolLM2-135M writes a program of several statements
 # (each runs while it writes the next) and then states the printed result,
@@ -143,6 +154,7 @@ class RunOptions:
     max_rounds: int = 2
     timeout: float = 600.0
     history: list[common_pb2.ChatMessage] = field(default_factory=list)  # earlier turns
+    security: ClientSecurity | None = None  # TLS and token; None: plaintext, no token
 
 
 def run_request(prompt: str, options: RunOptions) -> conveyor_pb2.RunRequest:
@@ -175,19 +187,28 @@ async def run_once(
     options = options or RunOptions()
     printer = printer or Printer()
     finished = None
-    async with grpc.aio.insecure_channel(target) as channel:
+    security = options.security or ClientSecurity()
+    async with security.channel(target, ()) as channel:
         stub = conveyor_pb2_grpc.ConveyorServiceStub(channel)
-        async for response in stub.Run(run_request(prompt, options), timeout=options.timeout):
+        call = stub.Run(
+            run_request(prompt, options), timeout=options.timeout, metadata=security.metadata()
+        )
+        async for response in call:
             printer.event(response)
             if response.WhichOneof("event") == "run_finished":
                 finished = response.run_finished
     return finished
 
 
-async def list_tools(target: str, timeout: float = 10.0) -> list[common_pb2.ToolSpec]:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def list_tools(
+    target: str, timeout: float = 10.0, security: ClientSecurity | None = None
+) -> list[common_pb2.ToolSpec]:
+    security = security or ClientSecurity()
+    async with security.channel(target, ()) as channel:
         stub = conveyor_pb2_grpc.ConveyorServiceStub(channel)
-        return list((await stub.ListTools(conveyor_pb2.ListToolsRequest(), timeout=timeout)).tools)
+        request = conveyor_pb2.ListToolsRequest()
+        listed = await stub.ListTools(request, timeout=timeout, metadata=security.metadata())
+        return list(listed.tools)
 
 
 def print_tools(tools: Sequence[common_pb2.ToolSpec], as_json: bool, out=sys.stdout) -> None:
@@ -241,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument("--target", default=f"localhost:{SCHEDULER_PORT}", help="scheduler")
+        cmd.add_argument(
+            "--tls-ca", default="", help="PEM CA of the scheduler's certificate: connect with TLS"
+        )
+        cmd.add_argument("--tls-cert", default="", help="PEM client certificate (mutual TLS)")
+        cmd.add_argument("--tls-key", default="", help="its key")
+        cmd.add_argument(
+            "--token-file",
+            default="",
+            help=f"file holding the API token (default: ${TOKEN_ENV} when set)",
+        )
 
     def run_flags(cmd: argparse.ArgumentParser) -> None:
         common(cmd)
@@ -264,8 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _security(args: argparse.Namespace) -> ClientSecurity:
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        tls = TlsFiles(args.tls_cert or None, args.tls_key or None, args.tls_ca or None)
+    token = None
+    if args.token_file:
+        token = ClientToken(args.token_file)
+    elif os.environ.get(TOKEN_ENV):
+        token = StaticToken(os.environ[TOKEN_ENV])
+    return ClientSecurity(tls=tls, token=token)
+
+
 def _options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
+        security=_security(args),
         system=args.system,
         partial=args.mode == "partial",
         tools=[t.strip() for t in args.tools.split(",") if t.strip()],
@@ -281,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "tools":
-            print_tools(asyncio.run(list_tools(args.target)), args.json)
+            print_tools(asyncio.run(list_tools(args.target, security=_security(args))), args.json)
         elif args.command == "run":
             printer = JsonPrinter() if args.json else Printer()
             finished = asyncio.run(run_once(args.target, args.prompt, _options(args), printer))
@@ -292,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(chat(args.target, _options(args), _stdin_lines()))
     except grpc.aio.AioRpcError as e:
         sys.stderr.write(f"conveyor {args.command} failed: {e.code().name}: {e.details()}\n")
+        return 2
+    except SecurityConfigError as e:
+        sys.stderr.write(f"conveyor {args.command}: {e}\n")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -10,6 +10,7 @@ import grpc
 import structlog
 
 from conveyor_common.interceptors import REQUEST_ID_KEY
+from conveyor_common.security import ClientSecurity
 
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
@@ -21,9 +22,10 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    """An insecure channel; `target` may be `host:port` or `dns:///host:port`."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def channel(target: str, security: ClientSecurity | None = None) -> grpc.aio.Channel:
+    """A channel to `target` (`host:port` or `dns:///host:port`): TLS when
+    `security` has it, else plaintext. Tokens go per call (security.metadata())."""
+    return (security or ClientSecurity()).channel(target, CHANNEL_OPTIONS)
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import shutil
 import signal
+import tempfile
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,6 +20,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from prometheus_client import start_http_server
 
 from conveyor_common.interceptors import RequestContextInterceptor
+from conveyor_common.security import ServerSecurity
 
 log = structlog.get_logger("server")
 
@@ -29,14 +33,21 @@ SERVER_OPTIONS = [
 ]
 
 
-def new_server(max_receive_bytes: int | None = None) -> grpc.aio.Server:
-    """A server with the request interceptor; `max_receive_bytes` caps each
-    request message (bigger ones end RESOURCE_EXHAUSTED before any handler)."""
+def new_server(
+    max_receive_bytes: int | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> grpc.aio.Server:
+    """A server with the request interceptor outermost (so calls refused by
+    the later `interceptors`, e.g. authentication, are logged and counted);
+    `max_receive_bytes` caps each request message (bigger ones end
+    RESOURCE_EXHAUSTED before any handler)."""
     options = list(SERVER_OPTIONS)
     if max_receive_bytes is not None:
         options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
         options.append(("grpc.max_receive_message_length", max_receive_bytes))
-    return grpc.aio.server(interceptors=[RequestContextInterceptor()], options=options)
+    return grpc.aio.server(
+        interceptors=[RequestContextInterceptor(), *interceptors], options=options
+    )
 
 
 # Server reflection's current name; grpcio-reflection serves only v1alpha.
@@ -125,11 +136,54 @@ async def stop_server(server: grpc.aio.Server, grace: float | None = None) -> No
                 await result
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(
+    server: grpc.aio.Server, host: str, port: int, security: ServerSecurity | None = None
+) -> int:
+    """Listens on host:port: TLS when `security` has a certificate, else
+    plaintext (with a warning beyond loopback)."""
+    security = security or ServerSecurity()
+    address = f"{host}:{port}"
+    if security.tls is not None:
+        bound = server.add_secure_port(address, security.tls.server_credentials())
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
-        raise RuntimeError(f"could not bind {host}:{port}")
+        raise RuntimeError(f"could not bind {address}")
+    security.warn_if_exposed(_service_of(server), host)
     return bound
+
+
+def _service_of(server: grpc.aio.Server) -> str:
+    ext = _extras.get(server)
+    return ",".join(ext.health._names) if ext is not None else ""
+
+
+async def serve_health(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Serves `server`'s health service alone, in plaintext, on host:port:
+    for probes that cannot present TLS or tokens. Stops with `server`."""
+    probe = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(_extras[server].health._servicer, probe)
+    bound = probe.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind the health port {host}:{port}")
+    await probe.start()
+    on_stop(server, lambda: probe.stop(0))
+    log.info("health listening", host=host, port=bound)
+    return bound
+
+
+def private_socket(server: grpc.aio.Server) -> str:
+    """A plaintext Unix socket on `server`, in a fresh directory only this
+    user can enter: how the HTTP front door reaches the gRPC API in-process
+    whatever TLS the public port has. Its calls skip authentication (see
+    AuthInterceptor), so nothing else may listen on one."""
+    directory = tempfile.mkdtemp(prefix="conveyor-")
+    os.chmod(directory, 0o700)
+    target = f"unix:{directory}/grpc.sock"
+    if server.add_insecure_port(target) == 0:
+        raise RuntimeError(f"could not bind {target}")
+    on_stop(server, lambda: shutil.rmtree(directory, ignore_errors=True))
+    return target
 
 
 def start_metrics(port: int, host: str) -> None:

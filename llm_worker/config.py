@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conveyor_common.defaults import WORKER_METRICS_PORT, WORKER_PORT
 from conveyor_common.flags import add_server_flags
+from conveyor_common.security import ServerSecurity, server_security_from_args
 from llm_worker.tool_format import TOOL_FORMATS, check_tool_format
 
 # The engines a worker can front (llm_worker/engines/).
@@ -132,6 +133,7 @@ class WorkerConfig:
     prefill_threads: int = 0
     prefill_chunk: int = PREFILL_CHUNK
     tool_call_format: str = ""  # "": detect
+    security: ServerSecurity = field(default_factory=ServerSecurity)
 
     def __post_init__(self) -> None:
         check_tool_format(self.tool_call_format)
@@ -169,4 +171,5 @@ class WorkerConfig:
             prefill_threads=ns.prefill_threads,
             prefill_chunk=ns.prefill_chunk,
             tool_call_format=ns.tool_call_format,
+            security=server_security_from_args(ns),
         )

@@ -15,6 +15,7 @@ from conveyor_common.server import (
     extras,
     new_server,
     on_stop,
+    serve_health,
 )
 from llm_worker.config import WorkerConfig
 from llm_worker.engines import Engine, open_engine
@@ -40,11 +41,14 @@ async def create_server(
     """Starts the server. Health is NOT_SERVING until the model is loaded and
     warm; with wait_ready=False loading goes on in the background (what the
     CLI does, so orchestrators can watch health during a long load)."""
-    server = new_server()
+    security = config.security
+    server = new_server(interceptors=security.interceptors())
     servicer = LlmWorkerServicer(engine)
     llm_worker_pb2_grpc.add_LlmWorkerServiceServicer_to_server(servicer, server)
     health = add_standard_services(server, [SERVICE_NAME])
-    bound = bind(server, host, port)
+    bound = bind(server, host, port, security)
+    if security.health_port:
+        await serve_health(server, host, security.health_port)
     await server.start()
     await health.set(False)
     on_stop(server, lambda: servicer.engine and servicer.engine.stop())

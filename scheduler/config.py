@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conveyor_common.defaults import (
     CONNECT_TIMEOUT_S,
@@ -13,6 +13,14 @@ from conveyor_common.defaults import (
     WORKER_PORT,
 )
 from conveyor_common.flags import add_server_flags
+from conveyor_common.security import (
+    ClientSecurity,
+    ClientToken,
+    SecurityConfigError,
+    ServerSecurity,
+    TlsFiles,
+    server_security_from_args,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +69,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=CONNECT_TIMEOUT_S,
         help="seconds to wait for a connection to the worker or gateway before a run fails",
     )
+    down = p.add_argument_group("security of the worker and gateway connections")
+    down.add_argument(
+        "--downstream-tls-ca",
+        default="",
+        help="PEM CA that signed the worker's and gateway's certificates: connect with TLS",
+    )
+    down.add_argument(
+        "--downstream-tls-cert",
+        default="",
+        help="PEM certificate to present to them (mutual TLS; default: --tls-cert)",
+    )
+    down.add_argument("--downstream-tls-key", default="", help="its key (default: --tls-key)")
+    down.add_argument(
+        "--downstream-tls-server-name",
+        default="",
+        help="name to expect on their certificates (default: each target's host)",
+    )
+    down.add_argument(
+        "--downstream-token-file",
+        default="",
+        help="file whose first token the scheduler sends them as a bearer token",
+    )
     return p
+
+
+def downstream_security_from_args(ns: argparse.Namespace) -> ClientSecurity:
+    tls = None
+    cert = ns.downstream_tls_cert or (ns.tls_cert if not ns.downstream_tls_key else "")
+    key = ns.downstream_tls_key or (ns.tls_key if not ns.downstream_tls_cert else "")
+    if ns.downstream_tls_ca:
+        tls = TlsFiles(cert or None, key or None, ns.downstream_tls_ca)
+    elif ns.downstream_tls_cert or ns.downstream_tls_key:
+        raise SecurityConfigError("--downstream-tls-cert needs --downstream-tls-ca")
+    return ClientSecurity(
+        tls=tls,
+        token=ClientToken(ns.downstream_token_file) if ns.downstream_token_file else None,
+        server_name=ns.downstream_tls_server_name,
+    )
 
 
 # Server maxima of what a request may ask for (flags above).
@@ -81,6 +126,8 @@ class SchedulerConfig:
     run_timeout: float = 600.0
     connect_timeout: float = CONNECT_TIMEOUT_S
     http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off
+    security: ServerSecurity = field(default_factory=ServerSecurity)  # the public API's
+    downstream: ClientSecurity = field(default_factory=ClientSecurity)  # worker, gateway
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_rounds <= self.max_rounds_limit:
@@ -108,4 +155,6 @@ class SchedulerConfig:
             run_timeout=ns.run_timeout,
             connect_timeout=ns.connect_timeout,
             http_port=ns.http_port,
+            security=server_security_from_args(ns),
+            downstream=downstream_security_from_args(ns),
         )

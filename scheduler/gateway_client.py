@@ -13,6 +13,7 @@ from conveyor.v1 import common_pb2, tool_gateway_pb2, tool_gateway_pb2_grpc
 
 from conveyor_common.clients import Unreachable, channel, outgoing_metadata, wait_connected
 from conveyor_common.defaults import CONNECT_TIMEOUT_S
+from conveyor_common.security import ClientSecurity
 from conveyor_common.types import PartialMode
 from scheduler.events import AbortVerdict, CallOutcome, UnitProgress, UnitResult
 from scheduler.parsers import ParsedUnit
@@ -64,11 +65,21 @@ GatewayEvent = tuple[str, int] | UnitResult | UnitProgress | CallOutcome | Abort
 
 
 class GatewayClient:
-    def __init__(self, target: str, connect_timeout: float = CONNECT_TIMEOUT_S):
+    def __init__(
+        self,
+        target: str,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        security: ClientSecurity | None = None,
+    ):
         self._target = target
         self._connect_timeout = connect_timeout
-        self._channel = channel(target)
+        self._security = security or ClientSecurity()
+        self._channel = channel(target, self._security)
         self._stub = tool_gateway_pb2_grpc.ToolGatewayServiceStub(self._channel)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Each call's: the request id, and the scheduler's token if it has one."""
+        return outgoing_metadata() + self._security.metadata()
 
     async def connected(self, timeout: float | None = None) -> None:
         """Returns once there is a connection; GatewayError after the connect timeout."""
@@ -84,7 +95,7 @@ class GatewayClient:
             response = await self._stub.ListTools(
                 tool_gateway_pb2.ToolGatewayServiceListToolsRequest(),
                 timeout=timeout,
-                metadata=outgoing_metadata(),
+                metadata=self.metadata(),
                 wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as e:
@@ -168,7 +179,7 @@ class ExecuteStream:
         self._call = self._client._stub.Execute(
             self._requests(self._outbox),
             timeout=max(0.001, self._deadline - time.monotonic()),
-            metadata=outgoing_metadata(),
+            metadata=self._client.metadata(),
         )
         try:
             async for response in self._call:

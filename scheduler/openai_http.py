@@ -18,6 +18,7 @@ refuses it (status, `error.type`, `error.param`, `error.code`).
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,14 @@ import structlog
 from aiohttp import web
 from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
 from google.protobuf import json_format
+
+from conveyor_common.security import (
+    AUTHORIZATION_KEY,
+    REJECTED,
+    ServerSecurity,
+    TlsFiles,
+    judge,
+)
 
 log = structlog.get_logger("openai_http")
 
@@ -520,11 +529,64 @@ def _run_failed(finished: conveyor_pb2.RunFinished | None) -> ApiError:
     return ApiError(f"the run ended {reason}: {finished.message}", status=status, kind=kind)
 
 
+# Reachable without credentials: liveness, and the playground's static page
+# (its API calls carry the token typed into it).
+OPEN_PATHS = frozenset({"/health", "/ui"})
+
+
+def _peer_names(request: web.Request) -> set[str]:
+    """DNS SANs and common name of the caller's verified certificate."""
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    if not cert:
+        return set()
+    names = {value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
+    for rdn in cert.get("subject", ()):
+        names |= {value for key, value in rdn if key == "commonName"}
+    return names
+
+
+def authenticate(security: ServerSecurity):
+    """The gRPC port's policy (security.judge) on each HTTP request; a
+    refusal is OpenAI-shaped: 401 with WWW-Authenticate, or 403."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization")
+        metadata = ((AUTHORIZATION_KEY, header),) if header is not None else ()
+        verdict = judge(security, metadata, _peer_names(request))
+        if verdict is None:
+            return await handler(request)
+        REJECTED.labels("http", request.path, verdict.code.name, verdict.reason).inc()
+        if verdict.code == grpc.StatusCode.PERMISSION_DENIED:
+            return ApiError(verdict.message, status=403, kind="permission_error").response()
+        response = ApiError(
+            verdict.message, status=401, kind="invalid_request_error", code="invalid_api_key"
+        ).response()
+        response.headers["WWW-Authenticate"] = 'Bearer realm="conveyor"'
+        return response
+
+    return middleware
+
+
+def https_context(tls: TlsFiles) -> ssl.SSLContext:
+    """The gRPC port's certificate; with its CA, client certificates are required."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    if tls.ca:
+        context.load_verify_locations(tls.ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class HttpFrontDoor:
     """The aiohttp app on its own port, in the scheduler's event loop."""
 
-    def __init__(self, handlers: ChatCompletions):
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+    def __init__(self, handlers: ChatCompletions, security: ServerSecurity | None = None):
+        self._security = security or ServerSecurity()
+        middlewares = [authenticate(self._security)] if self._security.authenticates else []
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app.router.add_post("/v1/chat/completions", handlers.chat)
         app.router.add_get("/v1/models", handlers.models)
         app.router.add_get("/health", handlers.health)
@@ -536,7 +598,8 @@ class HttpFrontDoor:
 
     async def start(self, host: str, port: int) -> int:
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        context = https_context(self._security.tls) if self._security.tls else None
+        await web.TCPSite(self._runner, host, port, ssl_context=context).start()
         self.port = self._runner.addresses[0][1]
         log.info("openai http listening", host=host, port=self.port)
         return self.port

@@ -7,7 +7,14 @@ import weakref
 import grpc
 from conveyor.v1 import conveyor_pb2, conveyor_pb2_grpc
 
-from conveyor_common.server import add_standard_services, bind, new_server, on_stop
+from conveyor_common.server import (
+    add_standard_services,
+    bind,
+    new_server,
+    on_stop,
+    private_socket,
+    serve_health,
+)
 from scheduler.config import SchedulerConfig
 from scheduler.gateway_client import GatewayClient
 from scheduler.openai_http import ChatCompletions, HttpFrontDoor
@@ -20,19 +27,26 @@ SERVICE_NAME = conveyor_pb2.DESCRIPTOR.services_by_name["ConveyorService"].full_
 async def create_server(
     config: SchedulerConfig, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[grpc.aio.Server, int]:
-    worker = WorkerClient(config.worker_target, config.connect_timeout)
-    gateway = GatewayClient(config.gateway_target, config.connect_timeout)
-    server = new_server(max_receive_bytes=config.max_request_bytes)
+    worker = WorkerClient(config.worker_target, config.connect_timeout, config.downstream)
+    gateway = GatewayClient(config.gateway_target, config.connect_timeout, config.downstream)
+    security = config.security
+    server = new_server(
+        max_receive_bytes=config.max_request_bytes, interceptors=security.interceptors()
+    )
     conveyor_pb2_grpc.add_ConveyorServiceServicer_to_server(
         ConveyorServicer(config, worker, gateway), server
     )
     health = add_standard_services(server, [SERVICE_NAME])
-    bound = bind(server, host, port)
+    bound = bind(server, host, port, security)
+    # Bound before start: a server takes no new ports once started.
+    loopback = private_socket(server) if config.http_port is not None else ""
+    if security.health_port:
+        await serve_health(server, host, security.health_port)
     on_stop(server, worker.close)
     on_stop(server, gateway.close)
     await server.start()
     if config.http_port is not None:
-        await _start_http(server, config, worker, host, bound)
+        await _start_http(server, config, worker, host, loopback)
     # The scheduler holds no model: it serves once listening; a missing
     # downstream shows up as a clear UNAVAILABLE on the run.
     await health.set(True)
@@ -47,14 +61,17 @@ def http_port(server: grpc.aio.Server) -> int | None:
     return _http_ports.get(server)
 
 
-async def _start_http(server, config: SchedulerConfig, worker: WorkerClient, host, port) -> None:
-    """The HTTP front door calls this server's Run over loopback gRPC."""
-    loopback = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    channel = grpc.aio.insecure_channel(f"{loopback}:{port}")
+async def _start_http(
+    server, config: SchedulerConfig, worker: WorkerClient, host: str, socket: str
+) -> None:
+    """The HTTP front door checks each caller itself (the same TLS and
+    tokens as the gRPC port), then calls this server's Run over its private
+    Unix socket, so every limit, metric and cancel is Run's."""
+    channel = grpc.aio.insecure_channel(socket)
     handlers = ChatCompletions(
         conveyor_pb2_grpc.ConveyorServiceStub(channel), worker.model_name, config.run_timeout
     )
-    door = HttpFrontDoor(handlers)
+    door = HttpFrontDoor(handlers, config.security)
     _http_ports[server] = await door.start(host, config.http_port)
     on_stop(server, door.stop)
     on_stop(server, channel.close)

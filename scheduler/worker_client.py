@@ -12,6 +12,7 @@ from conveyor.v1 import common_pb2, llm_worker_pb2, llm_worker_pb2_grpc
 from conveyor_common.clients import Unreachable, channel, outgoing_metadata, wait_connected
 from conveyor_common.convert import finish_reason_from_pb, message_to_pb, sampling_to_pb
 from conveyor_common.defaults import CONNECT_TIMEOUT_S
+from conveyor_common.security import ClientSecurity
 from conveyor_common.types import FinishReason, Message, Sampling
 from scheduler.tools import ToolInfo
 
@@ -41,11 +42,21 @@ class WorkerRejected(WorkerError):
 
 
 class WorkerClient:
-    def __init__(self, target: str, connect_timeout: float = CONNECT_TIMEOUT_S):
+    def __init__(
+        self,
+        target: str,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        security: ClientSecurity | None = None,
+    ):
         self._target = target
         self._connect_timeout = connect_timeout
-        self._channel = channel(target)
+        self._security = security or ClientSecurity()
+        self._channel = channel(target, self._security)
         self._stub = llm_worker_pb2_grpc.LlmWorkerServiceStub(self._channel)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Each call's: the request id, and the scheduler's token if it has one."""
+        return outgoing_metadata() + self._security.metadata()
 
     async def generate(
         self,
@@ -71,7 +82,7 @@ class WorkerClient:
         except Unreachable as e:
             raise WorkerError(str(e)) from None
         call = self._stub.Generate(
-            request, timeout=timeout, metadata=outgoing_metadata(), wait_for_ready=True
+            request, timeout=timeout, metadata=self.metadata(), wait_for_ready=True
         )
         try:
             async for response in call:
@@ -111,7 +122,7 @@ class WorkerClient:
                 self._channel, "llm_worker", self._target, min(self._connect_timeout, timeout)
             )
             response = await self._stub.GetModelInfo(
-                llm_worker_pb2.GetModelInfoRequest(), timeout=timeout, metadata=outgoing_metadata()
+                llm_worker_pb2.GetModelInfoRequest(), timeout=timeout, metadata=self.metadata()
             )
         except Unreachable as e:
             raise WorkerError(str(e)) from None
@@ -124,7 +135,7 @@ class WorkerClient:
             response = await self._stub.Abort(
                 llm_worker_pb2.AbortRequest(request_id=request_id),
                 timeout=5,
-                metadata=outgoing_metadata(),
+                metadata=self.metadata(),
             )
             return response.found
         except grpc.aio.AioRpcError:

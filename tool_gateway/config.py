@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conveyor_common.defaults import DEFAULT_HOST, GATEWAY_METRICS_PORT, GATEWAY_PORT
 from conveyor_common.flags import add_server_flags
+from conveyor_common.security import ServerSecurity, server_security_from_args
 
 # A sandbox's /tmp (memory: it comes out of --memory-mb).
 DEFAULT_TMP_MB = 256
@@ -96,6 +97,7 @@ class GatewayConfig:
     tools_file: str = ""
     search_url: str = ""
     database_path: str = ""
+    security: ServerSecurity = field(default_factory=ServerSecurity)
 
     def __post_init__(self) -> None:
         for name in (
@@ -134,4 +136,5 @@ class GatewayConfig:
             tools_file=ns.tools_file,
             search_url=ns.search_url,
             database_path=ns.database_path,
+            security=server_security_from_args(ns),
         )

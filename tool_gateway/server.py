@@ -6,7 +6,7 @@ import grpc
 import structlog
 from conveyor.v1 import tool_gateway_pb2, tool_gateway_pb2_grpc
 
-from conveyor_common.server import add_standard_services, bind, new_server, on_stop
+from conveyor_common.server import add_standard_services, bind, new_server, on_stop, serve_health
 from tool_gateway.config import GatewayConfig
 from tool_gateway.registry import ToolRegistry, build_registry
 from tool_gateway.servicer import ToolGatewayServicer
@@ -29,13 +29,15 @@ async def create_server(
     SandboxUnavailable when code cannot be sandboxed and allow_unsandboxed
     is off."""
     registry = registry or await build_registry(config)
-    server = new_server()
+    security = config.security
+    server = new_server(interceptors=security.interceptors())
     servicer = ToolGatewayServicer(registry, config.call_timeout)
     tool_gateway_pb2_grpc.add_ToolGatewayServiceServicer_to_server(servicer, server)
     health = add_standard_services(server, [SERVICE_NAME])
-    bound = bind(
-        server, config.host if host is None else host, config.port if port is None else port
-    )
+    host = config.host if host is None else host
+    bound = bind(server, host, config.port if port is None else port, security)
+    if security.health_port:
+        await serve_health(server, host, security.health_port)
     on_stop(server, servicer.shutdown)
     await server.start()
     await health.set(True)
