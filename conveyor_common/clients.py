@@ -9,6 +9,7 @@ import json
 import grpc
 import structlog
 
+from conveyor_common import tracing
 from conveyor_common.interceptors import REQUEST_ID_KEY
 from conveyor_common.security import ClientSecurity
 
@@ -29,9 +30,10 @@ def channel(target: str, security: ClientSecurity | None = None) -> grpc.aio.Cha
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """Forwards the current request id downstream."""
+    """Forwards the current request id and span downstream."""
     request_id = structlog.contextvars.get_contextvars().get("request_id")
-    return ((REQUEST_ID_KEY, request_id),) if request_id else ()
+    ids = ((REQUEST_ID_KEY, request_id),) if request_id else ()
+    return ids + tracing.inject()
 
 
 class Unreachable(Exception):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from conveyor_common import tracing
 from conveyor_common.defaults import DEFAULT_HOST
 
 
@@ -20,6 +21,12 @@ def add_server_flags(parser: argparse.ArgumentParser, port: int, metrics_port: i
     parser.add_argument("--metrics-port", type=int, default=metrics_port, help="0 disables")
     parser.add_argument(
         "--grace", type=float, default=5.0, help="seconds to finish streams on SIGTERM"
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=tracing.default_endpoint(),
+        help="send OpenTelemetry traces over OTLP/gRPC here, e.g. http://otel-collector:4317 "
+        f"(default: ${tracing.OTLP_ENV}; empty: tracing off)",
     )
     tls = parser.add_argument_group("security")
     tls.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS")

@@ -1,8 +1,9 @@
 """Server interceptor: binds a request id to every log line of a call,
 counts calls under the standard grpc_server_* metric names with their real
 status (a client cancel is CANCELLED, a passed deadline DEADLINE_EXCEEDED),
-and turns a request that is not valid protobuf into INVALID_ARGUMENT instead
-of grpc's UNKNOWN."""
+turns a request that is not valid protobuf into INVALID_ARGUMENT instead
+of grpc's UNKNOWN, and opens the call's server span (its parent from the
+caller's trace-context metadata; see conveyor_common/tracing.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from collections.abc import Callable
 
 import grpc
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from prometheus_client import Counter, Histogram
+
+from conveyor_common import tracing
 
 REQUEST_ID_KEY = "x-request-id"
 
@@ -89,6 +94,13 @@ def status_of(context, error: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+class _Started:
+    __slots__ = ("at", "span", "token")
+
+    def __init__(self, at: float, span, token):
+        self.at, self.span, self.token = at, span, token
+
+
 def _split(method: str) -> tuple[str, str]:
     _, service, name = method.split("/", 2)
     return service, name
@@ -102,20 +114,42 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler
-        request_id = _request_id(handler_call_details.invocation_metadata)
+        metadata = handler_call_details.invocation_metadata
+        request_id = _request_id(metadata)
         service, method = _split(handler_call_details.method)
 
-        def bind() -> float:
+        def bind() -> _Started:
             structlog.contextvars.clear_contextvars()
             structlog.contextvars.bind_contextvars(request_id=request_id, rpc=method)
-            return time.perf_counter()
+            span = tracing.tracer().start_span(
+                f"{service}/{method}",
+                context=tracing.extract(metadata),
+                kind=trace.SpanKind.SERVER,
+                attributes={
+                    "rpc.system": "grpc",
+                    "rpc.service": service,
+                    "rpc.method": method,
+                    tracing.SERVICE_ATTRIBUTE: service,
+                    "conveyor.request_id": request_id,
+                },
+            )
+            token = otel_context.attach(trace.set_span_in_context(span))
+            return _Started(time.perf_counter(), span, token)
 
-        def done(start: float, context, error: BaseException | None) -> None:
+        def done(started: _Started, context, error: BaseException | None) -> None:
             code = status_of(context, error)
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - started.at
             HANDLED.labels(service, method, code.name).inc()
             HANDLING_SECONDS.labels(service, method).observe(elapsed)
             log.info("rpc done", code=code.name, seconds=round(elapsed, 4))
+            started.span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code != grpc.StatusCode.OK:
+                started.span.set_status(trace.StatusCode.ERROR, code.name)
+            started.span.end()
+            try:
+                otel_context.detach(started.token)
+            except ValueError:  # detached in another task's context: nothing to restore
+                pass
 
         return _wrap(handler, bind, done)
 

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
+from conveyor_common import tracing
 from conveyor_common.interceptors import RequestContextInterceptor
 from conveyor_common.security import ServerSecurity
 
@@ -203,3 +204,4 @@ async def run_until_signal(server: grpc.aio.Server, grace: float) -> None:
     await stop.wait()
     log.info("stopping", grace_seconds=grace)
     await stop_server(server, grace)
+    tracing.shutdown()  # what is still batched goes out

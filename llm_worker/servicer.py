@@ -7,6 +7,7 @@ import uuid
 import grpc
 import structlog
 from conveyor.v1 import llm_worker_pb2, llm_worker_pb2_grpc
+from opentelemetry import trace
 
 from conveyor_common.convert import (
     BadRequest,
@@ -87,6 +88,19 @@ class LlmWorkerServicer(llm_worker_pb2_grpc.LlmWorkerServiceServicer):
                         )
                         log.warning("generation failed", message=item.message)
                         return
+                    # On the Generate server span (conveyor_common/interceptors.py).
+                    trace.get_current_span().set_attributes(
+                        {
+                            "conveyor.generation": request_id,
+                            "conveyor.finish_reason": item.finish_reason.value,
+                            "gen_ai.usage.input_tokens": item.prompt_tokens,
+                            "gen_ai.usage.output_tokens": item.completion_tokens,
+                            "conveyor.cached_prompt_tokens": item.cached_prompt_tokens,
+                            "conveyor.queue_seconds": item.queue_seconds,
+                            "conveyor.prefill_seconds": item.prefill_seconds,
+                            "conveyor.decode_seconds": item.decode_seconds,
+                        }
+                    )
                     log.info(
                         "generation done",
                         finish=item.finish_reason.value,

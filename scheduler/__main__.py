@@ -6,6 +6,7 @@ import asyncio
 
 import structlog
 
+from conveyor_common import tracing
 from conveyor_common.logs import configure_logging
 from conveyor_common.server import run_until_signal, start_metrics
 from scheduler.config import SchedulerConfig, build_parser
@@ -15,6 +16,7 @@ from scheduler.server import create_server
 async def _main() -> None:
     args = build_parser().parse_args()
     configure_logging("scheduler")
+    tracing.configure("scheduler", args.otlp_endpoint)
     start_metrics(args.metrics_port, args.host)
     server, port = await create_server(SchedulerConfig.from_args(args), args.host, args.port)
     structlog.get_logger("scheduler").info("listening", port=port)

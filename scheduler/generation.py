@@ -37,9 +37,19 @@ class Generation:
 
     async def run(self, messages: list[Message]) -> tuple[str, WorkerDone]:
         """The round's output text, and how the worker ended it."""
+        table = self._table
+        scanner = self._scanner()
+        with self._run.spans.round(self.round):
+            text, done = await self._decode(messages, scanner)
+        if table.abort is None:  # an aborted call was cut on purpose: no parse error
+            for event in scanner.finish():
+                table.on_scan(self.round, event)
+        return text, done or WorkerDone(FinishReason.ABORTED, 0, 0.0, 0.0)
+
+    async def _decode(self, messages: list[Message], scanner) -> tuple[str, WorkerDone | None]:
+        """The worker's stream, out as events and into the scanner."""
         spec, table = self._run.spec, self._table
         forced = spec.forced_completions
-        scanner = self._scanner()
         parts: list[str] = []
         done: WorkerDone | None = None
         table.decoding = True
@@ -74,7 +84,4 @@ class Generation:
         finally:
             table.decoding = False
             self._run.timing.decoded(start, time.perf_counter())
-        if table.abort is None:  # an aborted call was cut on purpose: no parse error
-            for event in scanner.finish():
-                table.on_scan(self.round, event)
-        return "".join(parts), done or WorkerDone(FinishReason.ABORTED, 0, 0.0, 0.0)
+        return "".join(parts), done

@@ -31,6 +31,7 @@ from scheduler.events import (
 from scheduler.gateway_client import GatewayClient
 from scheduler.generation import Generation
 from scheduler.plans import PlanRunner
+from scheduler.run_spans import RunSpans
 from scheduler.timing import TimingRecorder
 from scheduler.tools import ToolInfo
 from scheduler.worker_client import WorkerClient, WorkerDone, WorkerRejected
@@ -56,6 +57,7 @@ class Run:
     def __init__(self, spec: RunSpec, worker: WorkerClient, gateway: GatewayClient):
         self.spec = spec
         self.timing = TimingRecorder()
+        self.spans = RunSpans(spec.run_id, spec.partial)
         self._worker = worker
         self._queue: asyncio.Queue[RunEvent] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()  # plan steps in flight
@@ -103,6 +105,7 @@ class Run:
         return max(0.001, self._deadline - time.monotonic())
 
     def emit(self, event: RunEvent) -> None:
+        self.spans.on_event(event)
         self._queue.put_nowait(event)
 
     # ---- the run ---------------------------------------------------------

@@ -7,6 +7,7 @@ import sys
 
 import structlog
 
+from conveyor_common import tracing
 from conveyor_common.logs import configure_logging
 from conveyor_common.server import run_until_signal, start_metrics
 from tool_gateway.config import GatewayConfig, build_parser
@@ -19,6 +20,7 @@ log = structlog.get_logger("gateway")
 async def _main() -> int:
     args = build_parser().parse_args()
     configure_logging("tool_gateway")
+    tracing.configure("tool_gateway", args.otlp_endpoint)
     config = GatewayConfig.from_args(args)
     start_metrics(config.metrics_port, config.host)
     try:

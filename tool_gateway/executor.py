@@ -17,7 +17,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
+from conveyor_common import tracing
 from tool_gateway.messages import (
     Aborted,
     CallFailed,
@@ -47,6 +50,7 @@ from tool_gateway.tools.base import (
 )
 
 log = structlog.get_logger("gateway")
+SERVICE = "tool_gateway"  # on its spans (conveyor_common/tracing.py)
 
 
 @dataclass(eq=False)
@@ -170,6 +174,16 @@ class StreamExecutor:
         outcomes: list[UnitOutcome] = []
         session: ToolSession | None = None
         last: Event | None = None
+        span = tracing.tracer().start_span(
+            f"tool_call {call.tool.spec.name}",
+            attributes={
+                tracing.SERVICE_ATTRIBUTE: SERVICE,
+                "conveyor.call_id": call.call_id,
+                "conveyor.run_id": call.open.run_id,
+                "conveyor.tool": call.tool.spec.name,
+            },
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
         try:
             try:
                 async with asyncio.timeout(call.timeout):
@@ -197,6 +211,11 @@ class StreamExecutor:
                 )
             self._end(call, last)
         finally:
+            if isinstance(last, CallFailed):
+                span.set_status(trace.StatusCode.ERROR, f"{last.code.name}: {last.message[:200]}")
+            span.set_attribute("conveyor.units", len(outcomes))
+            span.end()
+            otel_context.detach(token)
             for ticket in call.tickets:  # units that will never run
                 self._order.done(ticket)
             self._log_call(call, last, outcomes, time.monotonic() - started)
@@ -220,7 +239,16 @@ class StreamExecutor:
             self._events.put_nowait(UnitStarted(call.call_id, item.index))
             session.progress_sink = functools.partial(self._progress, call.call_id)
             try:
-                outcome = await session.run_unit(item)
+                with tracing.tracer().start_as_current_span(
+                    f"unit {item.index}",
+                    attributes={
+                        tracing.SERVICE_ATTRIBUTE: SERVICE,
+                        "conveyor.call_id": call.call_id,
+                        "conveyor.unit": item.index,
+                    },
+                ) as unit_span:
+                    outcome = await session.run_unit(item)
+                    unit_span.set_attribute("conveyor.ok", outcome.ok)
             finally:
                 if ticket is not None:
                     call.tickets.popleft()
