@@ -11,6 +11,12 @@ SCHEDULER_METRICS_PORT = 9101
 WORKER_METRICS_PORT = 9102
 GATEWAY_METRICS_PORT = 9103
 
+# The plaintext health-only ports (--health-port) compose and Kubernetes give
+# their probes, which speak neither TLS nor tokens. Off unless asked for.
+SCHEDULER_HEALTH_PORT = 50061
+WORKER_HEALTH_PORT = 50062
+GATEWAY_HEALTH_PORT = 50063
+
 # How long a client waits for a channel to become ready before failing a call
 # (a run with its worker or gateway down ends UNAVAILABLE after this).
 CONNECT_TIMEOUT_S = 5.0
