@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/conveyor/v1/*.proto)
 PROTO_STAMP := $(GEN)/.stamp
 export PYTHONPATH := $(CURDIR)/$(GEN):$(CURDIR)
 
-.PHONY: all install install-vllm install-llamacpp proto run up down test lint clean bench bench-parsers bench-worker fuzz
+.PHONY: all install install-vllm install-llamacpp proto run up down test lint clean bench bench-parsers bench-worker fuzz secrets
 
 all: install proto
 
@@ -92,6 +92,13 @@ up: proto
 
 down:
 	$(PY) -m conveyor_common.stack down
+
+# A private CA, a certificate per service and tokens, for docker compose
+# (its secrets) or a first Kubernetes install. FORCE=1 replaces them;
+# EXTRA_NAMES="api.example.com" adds names to every certificate.
+secrets: install
+	$(PY) -m conveyor_common.certs --out .secrets --readable-keys \
+	  $(if $(FORCE),--force) $(foreach n,$(EXTRA_NAMES),--extra-name $(n))
 
 test: proto
 	$(PY) -m pytest -q

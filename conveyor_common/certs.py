@@ -124,9 +124,9 @@ def new_token() -> str:
     return secrets.token_hex(32)
 
 
-def _write(path: Path, data: bytes, private: bool) -> None:
+def _write(path: Path, data: bytes, private: bool, readable: bool = False) -> None:
     path.write_bytes(data)
-    os.chmod(path, 0o600 if private else 0o644)
+    os.chmod(path, 0o600 if private and not readable else 0o644)
 
 
 def write_bundle(
@@ -134,9 +134,15 @@ def write_bundle(
     services: tuple[str, ...] = SERVICES,
     namespace: str = "conveyor",
     extra_names: list[str] | None = None,
+    readable_keys: bool = False,
 ) -> None:
-    """Everything the module docstring lists, into `out`."""
+    """Everything the module docstring lists, into `out`. `readable_keys`:
+    service keys and tokens readable by any uid (compose bind-mounts its
+    file secrets with the host's modes, and the containers run as uid
+    10001), with `out` itself closed to everyone but its owner instead."""
     out.mkdir(parents=True, exist_ok=True)
+    if readable_keys:
+        os.chmod(out, 0o700)
     ca_cert, ca_key = make_ca()
     _write(out / "ca.crt", ca_cert, private=False)
     _write(out / "ca.key", ca_key, private=True)
@@ -145,11 +151,14 @@ def write_bundle(
             ca_cert, ca_key, service, service_names(service, namespace, extra_names or [])
         )
         _write(out / f"{service}.crt", cert, private=False)
-        _write(out / f"{service}.key", key, private=True)
+        _write(out / f"{service}.key", key, private=True, readable=readable_keys)
     scheduler_token = new_token()
-    _write(out / "api-tokens", f"{new_token()}\n".encode(), private=True)
-    _write(out / "scheduler-token", f"{scheduler_token}\n".encode(), private=True)
-    _write(out / "internal-tokens", f"{scheduler_token}\n".encode(), private=True)
+    for name, token in (
+        ("api-tokens", new_token()),
+        ("scheduler-token", scheduler_token),
+        ("internal-tokens", scheduler_token),
+    ):
+        _write(out / name, f"{token}\n".encode(), private=True, readable=readable_keys)
 
 
 def main() -> None:
@@ -160,11 +169,22 @@ def main() -> None:
         "--extra-name", action="append", default=[], help="another DNS name on every certificate"
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing bundle")
+    parser.add_argument(
+        "--readable-keys",
+        action="store_true",
+        help="keys and tokens readable by the containers' uid, in a directory only you can "
+        "enter (for compose's file secrets)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     if (out / "ca.crt").exists() and not args.force:
         raise SystemExit(f"{out}/ca.crt exists: pass --force to replace the whole bundle")
-    write_bundle(out, namespace=args.namespace, extra_names=args.extra_name)
+    write_bundle(
+        out,
+        namespace=args.namespace,
+        extra_names=args.extra_name,
+        readable_keys=args.readable_keys,
+    )
     print(f"wrote a CA, {len(SERVICES)} service certificates and tokens to {out}/")
 
 

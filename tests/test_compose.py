@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,12 @@ SERVICES = {
     "tool-gateway": ("tool_gateway", defaults.GATEWAY_PORT, defaults.GATEWAY_METRICS_PORT),
     "scheduler": ("scheduler", defaults.SCHEDULER_PORT, defaults.SCHEDULER_METRICS_PORT),
 }
+HEALTH_PORTS = {
+    "llm-worker": defaults.WORKER_HEALTH_PORT,
+    "tool-gateway": defaults.GATEWAY_HEALTH_PORT,
+    "scheduler": defaults.SCHEDULER_HEALTH_PORT,
+}
+SECRETS_DIR = "/run/secrets"
 
 _VARIABLE = re.compile(r"\$\$|\$\{(?P<name>\w+)(?::?[-?](?P<default>[^}]*))?\}|\$(?P<bare>\w+)")
 
@@ -124,7 +131,7 @@ def test_python_m_package_is_runnable(compose, name):
 
 
 @pytest.mark.parametrize("name", SERVICES)
-def test_healthcheck_calls_grpc_health_on_the_service_port(compose, name):
+def test_healthcheck_calls_grpc_health_on_the_health_port(compose, name):
     service = compose["services"][name]
     args = parse_command(compose, name)
     argv = healthcheck_argv(service)
@@ -133,7 +140,10 @@ def test_healthcheck_calls_grpc_health_on_the_service_port(compose, name):
     assert importlib.util.find_spec(module) is not None, f"healthcheck module {module} is missing"
     assert module == "conveyor_common.healthcheck"
     check = healthcheck.build_parser().parse_args(argv[3:])
-    assert check.port == args.port, f"{name}'s healthcheck probes another port than it serves"
+    # The service port is TLS with client authentication; the check speaks
+    # plaintext to the health-only port.
+    assert args.health_port == HEALTH_PORTS[name]
+    assert check.port == args.health_port, f"{name}'s healthcheck probes another port"
     assert check.host in ("127.0.0.1", "localhost")
 
 
@@ -212,3 +222,137 @@ def test_the_vllm_worker_target_exists_and_compose_can_pick_it(compose):
     assert "llm-worker-vllm" in dockerfile_targets(ROOT / "docker" / "Dockerfile")
     args = parse_command(compose, "llm-worker")
     assert args.engine == "hf" and args.engine_url == ""
+
+
+def _secret_paths(args) -> list[str]:
+    names = ("tls_cert", "tls_key", "tls_ca", "auth_token_file")
+    names += ("downstream_tls_ca", "downstream_tls_cert", "downstream_tls_key")
+    names += ("downstream_token_file",)
+    return [getattr(args, n) for n in names if getattr(args, n, "")]
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_certificates_and_tokens_come_from_compose_secrets(compose, name, tmp_path):
+    """Every file a command names lies in /run/secrets, comes from a secret
+    the service mounts, and `make secrets` writes its source."""
+    from conveyor_common import certs
+
+    args = parse_command(compose, name)
+    assert args.tls_cert and args.tls_key, f"{name} serves TLS"
+    mounted = set(compose["services"][name]["secrets"])
+    declared = compose["secrets"]
+    certs.write_bundle(tmp_path, readable_keys=True)
+    for path in _secret_paths(args):
+        directory, _, secret = path.rpartition("/")
+        assert directory == SECRETS_DIR and secret in mounted, f"{name}: {path}"
+        source = Path(declared[secret]["file"])
+        assert source.parent == Path(".secrets"), f"{secret} should come from .secrets/"
+        assert (tmp_path / source.name).is_file(), f"make secrets writes no {source.name}"
+    if name == "scheduler":
+        assert args.auth_token_file and args.downstream_tls_ca
+    else:
+        assert args.tls_ca and args.tls_allowed_names == "scheduler"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_argv(argv: list[str], secrets: Path, ports: dict[int, int], model: str) -> list[str]:
+    """A compose command as a process here: secrets from `secrets`, the
+    compose names as localhost, each port moved to a free one."""
+    out = []
+    for item in argv:
+        item = item.replace(SECRETS_DIR, str(secrets))
+        for service in SERVICES:
+            item = item.replace(f"dns:///{service}:", "dns:///localhost:")
+        for old, new in ports.items():
+            item = item.replace(f":{old}", f":{new}")
+            if item == str(old):
+                item = str(new)
+        out.append(item)
+    if out[2] == "llm_worker":
+        out[out.index("--model") + 1] = model
+        out[out.index("--cache-dir") + 1] = str(secrets.parent / "cache")
+    return [sys.executable, *out[1:]]
+
+
+async def test_the_compose_commands_serve_a_run_over_tls_with_tokens(
+    compose, tmp_path, tiny_model_dir
+):
+    """The three commands exactly as compose runs them (paths and ports
+    moved), as processes: healthy on their health ports, and a run with the
+    API token over TLS reaches the worker and gateway by mutual TLS."""
+    import asyncio
+    import os
+    import signal
+
+    import grpc
+    from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
+
+    from conveyor_common import certs
+    from conveyor_common.healthcheck import check
+    from conveyor_common.security import TlsFiles
+
+    secrets = tmp_path / "secrets"
+    certs.write_bundle(secrets, readable_keys=True)
+    ports = {}
+    for name in SERVICES:
+        args = parse_command(compose, name)
+        for port in (args.port, args.metrics_port, args.health_port):
+            ports[port] = _free_port()
+    ports[8080] = _free_port()
+    env = {**os.environ, "LOG_FORMAT": "json", "CONVEYOR_ENGINE_API_KEY": ""}
+    processes = {}
+    try:
+        for name in ("llm-worker", "tool-gateway", "scheduler"):
+            argv = argv_of(compose["services"][name]["command"])
+            processes[name] = await asyncio.create_subprocess_exec(
+                *_local_argv(argv, secrets, ports, str(tiny_model_dir)),
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        for name, health in HEALTH_PORTS.items():
+            for _ in range(240):
+                if processes[name].returncode is not None:
+                    err = (await processes[name].stderr.read()).decode()[-2000:]
+                    pytest.fail(f"{name} exited: {err}")
+                if (await asyncio.to_thread(check, ports[health], timeout=1.0)).serving:
+                    break
+                await asyncio.sleep(0.5)
+            else:
+                pytest.fail(f"{name} never became healthy")
+        credentials = TlsFiles(ca=str(secrets / "ca.crt")).channel_credentials()
+        target = f"localhost:{ports[defaults.SCHEDULER_PORT]}"
+        token = (secrets / "api-tokens").read_text().strip()
+        async with grpc.aio.secure_channel(target, credentials) as channel:
+            stub = conveyor_pb2_grpc.ConveyorServiceStub(channel)
+            request = conveyor_pb2.RunRequest(
+                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="Go.")],
+                tool_names=["python"],
+                forced_completions=["```python\nprint(6 * 7)\n```\n", "Done."],
+                max_rounds=2,
+            )
+            events = [
+                e
+                async for e in stub.Run(
+                    request, timeout=120, metadata=(("authorization", f"Bearer {token}"),)
+                )
+            ]
+        outputs = [e.unit_result.result.stdout for e in events if e.HasField("unit_result")]
+        assert "42\n" in outputs
+        assert events[-1].run_finished.finish_reason == common_pb2.FINISH_REASON_FORCED_END
+    finally:
+        for process in processes.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
