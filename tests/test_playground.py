@@ -53,19 +53,54 @@ def _columns_with_both(png: Path) -> int:
     return both
 
 
+@pytest.fixture(scope="module")
+async def token_url(worker, gateway, tmp_path_factory):
+    """(URL, token) of an HTTP front door that takes tokens."""
+    from conveyor_common import certs
+    from conveyor_common.security import ServerSecurity, TokenSet
+    from conveyor_common.server import stop_server
+    from scheduler.config import SchedulerConfig
+    from scheduler.server import create_server, http_port
+
+    token = certs.new_token()
+    path = tmp_path_factory.mktemp("tokens") / "api-tokens"
+    path.write_text(token + "\n")
+    _, worker_target = worker
+    config = SchedulerConfig(
+        worker_target=worker_target,
+        gateway_target=gateway,
+        http_port=0,
+        security=ServerSecurity(tokens=TokenSet(str(path))),
+    )
+    server, _ = await create_server(config)
+    yield f"http://127.0.0.1:{http_port(server)}", token
+    await stop_server(server, 0)
+
+
 async def test_the_timeline_shows_units_under_decoding_and_the_rerun_beside_it(
     http_url,  # noqa: F811
     tmp_path,
 ):
+    await _drive_the_page(http_url, tmp_path)
+
+
+async def test_behind_tokens_the_page_works_once_the_token_is_typed(token_url, tmp_path):
+    url, token = token_url
+    seen = await _drive_the_page(url, tmp_path, token)
+    assert "401" in seen["refused"] and "invalid_api_key" in seen["refused"]
+
+
+async def _drive_the_page(base: str, tmp_path: Path, token: str | None = None) -> dict:
     import os
 
     chromium = _need_browser()
     proc = await asyncio.create_subprocess_exec(
         "node",
         str(UI / "playground.mjs"),
-        http_url,
+        base,
         json.dumps([PROGRAM, ANSWER]),
         str(tmp_path),
+        *([token] if token else []),
         env={**os.environ, "CHROMIUM": chromium},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -83,3 +118,4 @@ async def test_the_timeline_shows_units_under_decoding_and_the_rerun_beside_it(
     assert "hidden under decoding" in partial["summary"]
     assert _columns_with_both(tmp_path / "partial.png") > 0
     assert (tmp_path / "both.png").stat().st_size > 10_000
+    return seen

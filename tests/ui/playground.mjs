@@ -1,10 +1,12 @@
 // Drives the playground in headless Chromium: one forced run in partial
 // mode, then "rerun in the other mode"; prints what the timelines show as
 // JSON and leaves screenshots in the output folder.
-//   node playground.mjs BASE_URL FORCED_JSON OUT_DIR
+//   node playground.mjs BASE_URL FORCED_JSON OUT_DIR [TOKEN]
+// With TOKEN, the page must first show the API's refusal, then work once
+// the token is typed in.
 import { chromium } from "playwright-core";
 
-const [base, forced, out] = process.argv.slice(2);
+const [base, forced, out, token] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu"],
@@ -14,6 +16,13 @@ try {
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
   await page.goto(`${base}/ui`);
+  let refused = "";
+  if (token) {
+    await page.waitForFunction(() => document.getElementById("error").textContent.includes("401"));
+    refused = await page.textContent("#error");
+    await page.fill("#token", token);
+    await page.dispatchEvent("#token", "change");
+  }
   await page.waitForSelector(".tool");
   await page.click("summary");
   await page.fill("#forced", forced);
@@ -38,7 +47,8 @@ try {
       overlapping: units.filter((u) => decode.some((d) => u.left >= d.left && u.left < d.right)).length,
     };
   }));
-  console.log(JSON.stringify({ runs, errors, tools: await page.$$eval(".tool", (t) => t.length) }));
+  const tools = await page.$$eval(".tool", (t) => t.length);
+  console.log(JSON.stringify({ runs, errors, tools, refused }));
 } finally {
   await browser.close();
 }
