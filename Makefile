@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/conveyor/v1/*.proto)
 PROTO_STAMP := $(GEN)/.stamp
 export PYTHONPATH := $(CURDIR)/$(GEN):$(CURDIR)
 
-.PHONY: all install install-vllm install-llamacpp proto run up down test lint clean bench bench-parsers bench-worker fuzz secrets
+.PHONY: all install install-vllm install-llamacpp proto run up down test lint clean bench bench-parsers bench-worker bench-security fuzz secrets
 
 all: install proto
 
@@ -92,6 +92,11 @@ up: proto
 
 down:
 	$(PY) -m conveyor_common.stack down
+
+# What TLS, tokens and tracing cost: three stacks side by side; writes
+# bench/results/security.{md,json}.
+bench-security: proto
+	$(PY) -m bench.security $(BENCH_ARGS)
 
 # A private CA, a certificate per service and tokens, for docker compose
 # (its secrets) or a first Kubernetes install. FORCE=1 replaces them;

@@ -39,6 +39,11 @@ class Service:
     port: int
     args: tuple[str, ...] = ()
     python: str = ""  # the interpreter to run it with ("": this one)
+    health_port: int = 0  # where health is checked in plaintext (0: port)
+
+    @property
+    def probe_port(self) -> int:
+        return self.health_port or self.port
 
 
 def colocated_worker_args() -> tuple[str, ...]:
@@ -126,7 +131,7 @@ def wait_healthy(
                 tail = (state_dir / f"{name}.log").read_text()[-2000:]
                 stop(pids, state_dir=state_dir)
                 sys.exit(f"{name} exited during start-up; its log ends with:\n{tail}")
-            if check(service.port, timeout=1.0).serving:
+            if check(service.probe_port, timeout=1.0).serving:
                 _say(f"{name} is serving")
                 del waiting[name]
         if time.monotonic() > deadline:
