@@ -99,11 +99,12 @@ bench-security: proto
 	$(PY) -m bench.security $(BENCH_ARGS)
 
 # A private CA, a certificate per service and tokens, for docker compose
-# (its secrets) or a first Kubernetes install. FORCE=1 replaces them;
-# EXTRA_NAMES="api.example.com" adds names to every certificate.
+# (its secrets) or a first Kubernetes install. RENEW=1 issues new service
+# certificates from the same CA (rotation, no restart); FORCE=1 replaces
+# everything; EXTRA_NAMES="api.example.com" adds names to every certificate.
 secrets: install
 	$(PY) -m conveyor_common.certs --out .secrets --readable-keys \
-	  $(if $(FORCE),--force) $(foreach n,$(EXTRA_NAMES),--extra-name $(n))
+	  $(if $(RENEW),--renew) $(if $(FORCE),--force) $(foreach n,$(EXTRA_NAMES),--extra-name $(n))
 
 test: proto
 	$(PY) -m pytest -q

@@ -3,6 +3,8 @@ compose's secrets and a first Kubernetes install need, and what the tests
 make at run time. For production, prefer your own PKI or cert-manager.
 
     python -m conveyor_common.certs --out .secrets
+    python -m conveyor_common.certs --out .secrets --renew   # new service certificates,
+                                                             # same CA and tokens
     # .secrets/ca.crt, ca.key
     # .secrets/<service>.crt, <service>.key   for scheduler, llm-worker, tool-gateway
     # .secrets/api-tokens        the public API's tokens (one per line)
@@ -135,23 +137,32 @@ def write_bundle(
     namespace: str = "conveyor",
     extra_names: list[str] | None = None,
     readable_keys: bool = False,
+    renew: bool = False,
 ) -> None:
     """Everything the module docstring lists, into `out`. `readable_keys`:
     service keys and tokens readable by any uid (compose bind-mounts its
     file secrets with the host's modes, and the containers run as uid
-    10001), with `out` itself closed to everyone but its owner instead."""
+    10001), with `out` itself closed to everyone but its owner instead.
+    `renew`: keep the CA and the tokens already in `out`, and issue new
+    service certificates from that CA (what rotation wants: running
+    services trust the new certificates without a restart)."""
     out.mkdir(parents=True, exist_ok=True)
     if readable_keys:
         os.chmod(out, 0o700)
-    ca_cert, ca_key = make_ca()
-    _write(out / "ca.crt", ca_cert, private=False)
-    _write(out / "ca.key", ca_key, private=True)
+    if renew:
+        ca_cert, ca_key = (out / "ca.crt").read_bytes(), (out / "ca.key").read_bytes()
+    else:
+        ca_cert, ca_key = make_ca()
+        _write(out / "ca.crt", ca_cert, private=False)
+        _write(out / "ca.key", ca_key, private=True)
     for service in services:
         cert, key = make_cert(
             ca_cert, ca_key, service, service_names(service, namespace, extra_names or [])
         )
         _write(out / f"{service}.crt", cert, private=False)
         _write(out / f"{service}.key", key, private=True, readable=readable_keys)
+    if renew:
+        return
     scheduler_token = new_token()
     for name, token in (
         ("api-tokens", new_token()),
@@ -170,6 +181,11 @@ def main() -> None:
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     parser.add_argument(
+        "--renew",
+        action="store_true",
+        help="new service certificates from the existing CA; the CA and tokens stay",
+    )
+    parser.add_argument(
         "--readable-keys",
         action="store_true",
         help="keys and tokens readable by the containers' uid, in a directory only you can "
@@ -177,13 +193,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     out = Path(args.out)
-    if (out / "ca.crt").exists() and not args.force:
-        raise SystemExit(f"{out}/ca.crt exists: pass --force to replace the whole bundle")
+    if args.renew and not (out / "ca.key").exists():
+        raise SystemExit(f"--renew needs the CA in {out}/ca.crt and {out}/ca.key")
+    if (out / "ca.crt").exists() and not (args.force or args.renew):
+        raise SystemExit(
+            f"{out}/ca.crt exists: --renew issues new certificates from it, --force replaces "
+            "the whole bundle (CA and tokens: restart every service and client after)"
+        )
     write_bundle(
         out,
         namespace=args.namespace,
         extra_names=args.extra_name,
         readable_keys=args.readable_keys,
+        renew=args.renew,
     )
     print(f"wrote a CA, {len(SERVICES)} service certificates and tokens to {out}/")
 

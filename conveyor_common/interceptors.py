@@ -146,10 +146,10 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             if code != grpc.StatusCode.OK:
                 started.span.set_status(trace.StatusCode.ERROR, code.name)
             started.span.end()
-            try:
+            # A stream abandoned at a `yield` (client cancel) is closed later
+            # in another task's context, where the token does not apply.
+            if trace.get_current_span() is started.span:
                 otel_context.detach(started.token)
-            except ValueError:  # detached in another task's context: nothing to restore
-                pass
 
         return _wrap(handler, bind, done)
 

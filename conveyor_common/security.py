@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,10 +34,15 @@ from prometheus_client import Counter
 log = structlog.get_logger("security")
 
 AUTHORIZATION_KEY = "authorization"
+# The scheduler's HTTP front door sends its server's local secret under this
+# key on the private Unix socket (conveyor_common/server.private_socket).
+LOCAL_KEY = "x-conveyor-local"
 # Probes cannot present tokens or certificates; health says nothing secret.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
-# How often a changed certificate or token file is noticed, at most.
+# How often a changed certificate or token file is noticed, at most, and
+# how old its last write must be before it is read (so never half-written).
 RELOAD_CHECK_SECONDS = 1.0
+SETTLE_SECONDS = 1.0
 # A shorter token is a password someone typed, not a secret: refused.
 MIN_TOKEN_CHARS = 16
 MAX_TOKENS = 1024
@@ -54,29 +60,42 @@ class SecurityConfigError(ValueError):
     """A certificate, key or token file that cannot be used; the message says which."""
 
 
+class Settled:
+    """Says when a watched set of files has changed and its newest write is
+    at least a second old: a file rewritten in place is taken once its
+    writer is done, never half-written (empty, or a token cut short)."""
+
+    def __init__(self, paths: list[str]):
+        self._paths = paths
+        self._current = _stamps(paths)
+
+    def changed(self) -> bool:
+        stamp = _stamps(self._paths)
+        if stamp == self._current:
+            return False
+        newest = max((s[2] for s in stamp if s is not None), default=0) / 1e9
+        if time.time() - newest < SETTLE_SECONDS:
+            return False  # still being written, perhaps: look again later
+        self._current = stamp
+        return True
+
+
 class _WatchedFile:
-    """A file's content, re-read when its (inode, size, mtime) changes; the
-    check runs at most once a second. `parse` turns bytes into the value; a
-    file that fails to read or parse after a change keeps the previous value
-    (a rotation caught half-written must not lock every caller out)."""
+    """A file's content, re-read once its (inode, size, mtime) has changed
+    and settled (Settled); checked at most once a second. `parse` turns
+    bytes into the value; a file that fails to read or parse keeps the
+    previous value, with an error logged."""
 
     def __init__(self, path: str, parse: Callable[[bytes], object]):
         self.path = path
         self._parse = parse
         self._lock = threading.Lock()
-        self._checked = 0.0
-        self._stamp = self._stat()
+        self._checked = time.monotonic()
+        self._settled = Settled([path])
         try:
             self.value = parse(Path(path).read_bytes())
         except OSError as e:
             raise SecurityConfigError(f"cannot read {path}: {e.strerror}") from None
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            s = os.stat(self.path)
-        except OSError:
-            return None
-        return (s.st_ino, s.st_size, s.st_mtime_ns)
 
     def current(self) -> object:
         now = time.monotonic()
@@ -84,15 +103,14 @@ class _WatchedFile:
             return self.value
         with self._lock:
             self._checked = now
-            stamp = self._stat()
-            if stamp is None or stamp == self._stamp:
+            if not self._settled.changed():
                 return self.value
             try:
                 value = self._parse(Path(self.path).read_bytes())
             except (OSError, SecurityConfigError) as e:
                 log.error("reload failed; keeping the previous", path=self.path, error=str(e))
                 return self.value
-            self._stamp, self.value = stamp, value
+            self.value = value
             log.info("reloaded", path=self.path)
             return value
 
@@ -203,8 +221,7 @@ class TlsFiles:
         new handshake (at most once a second) and served anew when changed."""
         if not self.cert:
             raise SecurityConfigError("serving TLS needs --tls-cert and --tls-key")
-        paths = [p for p in (self.cert, self.key, self.ca) if p]
-        stamp = [_stamps(paths)]
+        settled = Settled([p for p in (self.cert, self.key, self.ca) if p])
         checked = [time.monotonic()]
 
         def fetch():
@@ -213,15 +230,13 @@ class TlsFiles:
             if now - checked[0] < RELOAD_CHECK_SECONDS:
                 return None
             checked[0] = now
-            new = _stamps(paths)
-            if new == stamp[0]:
+            if not settled.changed():
                 return None
             try:
                 config = self._server_config()
             except SecurityConfigError as e:
                 log.error("certificate reload failed; keeping the previous one", error=str(e))
                 return None
-            stamp[0] = new
             log.info("certificate reloaded", cert=self.cert)
             return config
 
@@ -307,6 +322,11 @@ class ClientSecurity:
     def channel(self, target: str, options: Iterable[tuple[str, object]]) -> grpc.aio.Channel:
         options = list(options)
         if self.tls is None:
+            if self.token is not None and _host_of(target) not in LOOPBACK_HOSTS:
+                log.warning(
+                    "sending a token in plaintext: give the target's CA to connect with TLS",
+                    target=target,
+                )
             return grpc.aio.insecure_channel(target, options=options)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
@@ -314,6 +334,13 @@ class ClientSecurity:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return self.token.metadata() if self.token else ()
+
+
+def _host_of(target: str) -> str:
+    """`dns:///name:port`, `name:port`, `[::1]:port` -> the host."""
+    address = target.split("///", 1)[-1]
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]" in address else address
+    return host.strip("[]")
 
 
 def bearer_token(metadata: Iterable[tuple[str, str]] | None) -> str | None:
@@ -328,10 +355,11 @@ def bearer_token(metadata: Iterable[tuple[str, str]] | None) -> str | None:
 
 
 def peer_names(context) -> set[str]:
-    """The DNS names and common name of the client certificate, if any."""
+    """The DNS names and common name of the client certificate, if any (as
+    the HTTP front door reads them: IP, URI and email SANs do not count)."""
     auth = context.auth_context() or {}
     names = set()
-    for key in ("x509_subject_alternative_name", "x509_common_name"):
+    for key in ("peer_dns", "x509_common_name"):
         for value in auth.get(key, ()):
             names.add(value.decode() if isinstance(value, bytes) else str(value))
     return names
@@ -377,6 +405,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, security: ServerSecurity):
         self._security = security
+        # Admits the scheduler's own HTTP front door, which judged its caller
+        # already, on the private Unix socket; a fresh secret per process.
+        self.local_secret = secrets.token_hex(32)
+
+    def local_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((LOCAL_KEY, self.local_secret),)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -387,11 +421,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         security = self._security
         _, service, name = (method.split("/", 2) + ["", ""])[:3]
 
+        local = self._is_local(metadata)
+
         async def check(context) -> None:
-            if context.peer().startswith("unix:"):
-                # The scheduler's HTTP front door, which judged the caller
-                # itself; its socket lies in a directory only this user reads.
-                return
+            if local and context.peer().startswith("unix:"):
+                return  # the HTTP front door (see local_secret)
             verdict = judge(security, metadata, peer_names(context))
             if verdict is not None:
                 REJECTED.labels(service, name, verdict.code.name, verdict.reason).inc()
@@ -399,6 +433,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(verdict.code, verdict.message)
 
         return guarded(handler, check)
+
+    def _is_local(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == LOCAL_KEY and isinstance(value, str):
+                return hmac.compare_digest(value.encode(), self.local_secret.encode())
+        return False
 
 
 def guarded(handler: grpc.RpcMethodHandler, check) -> grpc.RpcMethodHandler:
@@ -444,7 +484,7 @@ def server_security_from_args(ns) -> ServerSecurity:
         tls = TlsFiles(ns.tls_cert, ns.tls_key, ns.tls_ca or None)
     return ServerSecurity(
         tls=tls,
-        allowed_names=frozenset(n for n in ns.tls_allowed_names.split(",") if n.strip()),
+        allowed_names=frozenset(n.strip() for n in ns.tls_allowed_names.split(",") if n.strip()),
         tokens=TokenSet(ns.auth_token_file) if ns.auth_token_file else None,
         health_port=ns.health_port,
     )

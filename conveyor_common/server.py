@@ -108,6 +108,7 @@ class ServerExtras:
     health: HealthState
     on_stop: list[Callable] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    socket: str = ""  # private_socket's target, when it has one
 
 
 _extras: weakref.WeakKeyDictionary[grpc.aio.Server, ServerExtras] = weakref.WeakKeyDictionary()
@@ -143,6 +144,9 @@ def bind(
     """Listens on host:port: TLS when `security` has a certificate, else
     plaintext (with a warning beyond loopback)."""
     security = security or ServerSecurity()
+    if host.startswith("unix:"):
+        # Unix sockets are reserved for private_socket (the front door's trust).
+        raise ValueError(f"--host {host}: serve on a TCP interface")
     address = f"{host}:{port}"
     if security.tls is not None:
         bound = server.add_secure_port(address, security.tls.server_credentials())
@@ -176,14 +180,15 @@ async def serve_health(server: grpc.aio.Server, host: str, port: int) -> int:
 def private_socket(server: grpc.aio.Server) -> str:
     """A plaintext Unix socket on `server`, in a fresh directory only this
     user can enter: how the HTTP front door reaches the gRPC API in-process
-    whatever TLS the public port has. Its calls skip authentication (see
-    AuthInterceptor), so nothing else may listen on one."""
+    whatever TLS the public port has. The door's calls carry the auth
+    interceptor's local secret, which admits them on this socket only."""
     directory = tempfile.mkdtemp(prefix="conveyor-")
     os.chmod(directory, 0o700)
     target = f"unix:{directory}/grpc.sock"
     if server.add_insecure_port(target) == 0:
         raise RuntimeError(f"could not bind {target}")
     on_stop(server, lambda: shutil.rmtree(directory, ignore_errors=True))
+    _extras[server].socket = target
     return target
 
 

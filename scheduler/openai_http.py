@@ -17,6 +17,7 @@ refuses it (status, `error.type`, `error.param`, `error.code`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import time
@@ -34,7 +35,9 @@ from google.protobuf import json_format
 from conveyor_common.security import (
     AUTHORIZATION_KEY,
     REJECTED,
+    RELOAD_CHECK_SECONDS,
     ServerSecurity,
+    Settled,
     TlsFiles,
     judge,
 )
@@ -332,10 +335,12 @@ class ChatCompletions:
         stub: conveyor_pb2_grpc.ConveyorServiceStub,
         model_name: Callable[[], Awaitable[str]],
         timeout: float,
+        metadata: tuple[tuple[str, str], ...] = (),
     ):
         self._stub = stub
         self._model_name = model_name
         self._timeout = timeout
+        self._metadata = metadata  # proves to the gRPC port that the call is ours
 
     async def _model(self) -> str:
         try:
@@ -361,7 +366,9 @@ class ChatCompletions:
     async def tools(self, request: web.Request) -> web.Response:
         """ListTools in proto3's JSON mapping (for the playground)."""
         try:
-            listed = await self._stub.ListTools(conveyor_pb2.ListToolsRequest(), timeout=10)
+            listed = await self._stub.ListTools(
+                conveyor_pb2.ListToolsRequest(), timeout=10, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as e:
             return _grpc_error(e).response()
         return web.json_response(json_format.MessageToDict(listed))
@@ -379,13 +386,15 @@ class ChatCompletions:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ApiError("the body is not valid JSON") from None
             model = await self._model()
-            listed = await self._stub.ListTools(conveyor_pb2.ListToolsRequest(), timeout=10)
+            listed = await self._stub.ListTools(
+                conveyor_pb2.ListToolsRequest(), timeout=10, metadata=self._metadata
+            )
             chat = parse_chat_request(body, model, {t.name for t in listed.tools})
         except ApiError as e:
             return e.response()
         except grpc.aio.AioRpcError as e:
             return _grpc_error(e).response()
-        call = self._stub.Run(chat.run, timeout=self._timeout)
+        call = self._stub.Run(chat.run, timeout=self._timeout, metadata=self._metadata)
         try:
             if chat.stream:
                 return await self._stream(request, chat, call)
@@ -558,7 +567,10 @@ def authenticate(security: ServerSecurity):
         verdict = judge(security, metadata, _peer_names(request))
         if verdict is None:
             return await handler(request)
-        REJECTED.labels("http", request.path, verdict.code.name, verdict.reason).inc()
+        # The route, not the raw path: a label per path anyone can send is unbounded.
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else "unmatched"
+        REJECTED.labels("http", path, verdict.code.name, verdict.reason).inc()
         if verdict.code == grpc.StatusCode.PERMISSION_DENIED:
             return ApiError(verdict.message, status=403, kind="permission_error").response()
         response = ApiError(
@@ -573,11 +585,30 @@ def authenticate(security: ServerSecurity):
 def https_context(tls: TlsFiles) -> ssl.SSLContext:
     """The gRPC port's certificate; with its CA, client certificates are required."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls.cert, tls.key)
+    _load(context, tls)
     if tls.ca:
-        context.load_verify_locations(tls.ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _load(context: ssl.SSLContext, tls: TlsFiles) -> None:
+    context.load_cert_chain(tls.cert, tls.key)
+    if tls.ca:
+        context.load_verify_locations(tls.ca)  # adds: a renewed CA beside the old one
+
+
+async def _follow_certificate(context: ssl.SSLContext, tls: TlsFiles) -> None:
+    """Loads a renewed certificate into the live context (new handshakes get
+    it), as the gRPC port's dynamic credentials do."""
+    settled = Settled([p for p in (tls.cert, tls.key, tls.ca) if p])
+    while True:
+        await asyncio.sleep(RELOAD_CHECK_SECONDS)
+        if settled.changed():
+            try:
+                _load(context, tls)
+                log.info("https certificate reloaded", cert=tls.cert)
+            except (OSError, ssl.SSLError) as e:
+                log.error("https certificate reload failed; keeping the previous", error=str(e))
 
 
 class HttpFrontDoor:
@@ -595,14 +626,20 @@ class HttpFrontDoor:
         # A client that disconnects cancels its handler, and so its run.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         self.port = 0
+        self._follow: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> int:
         await self._runner.setup()
-        context = https_context(self._security.tls) if self._security.tls else None
+        tls = self._security.tls
+        context = https_context(tls) if tls else None
         await web.TCPSite(self._runner, host, port, ssl_context=context).start()
+        if context is not None:
+            self._follow = asyncio.create_task(_follow_certificate(context, tls))
         self.port = self._runner.addresses[0][1]
         log.info("openai http listening", host=host, port=self.port)
         return self.port
 
     async def stop(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
         await self._runner.cleanup()

@@ -94,6 +94,7 @@ class Run:
         finally:
             if not finished:  # the client left: its run ends here, and is counted
                 self._ended(FinishReason.CANCELLED, "the client cancelled the run")
+                self.spans.close("the client cancelled the run")
             main.cancel()
             for task in self._tasks:
                 task.cancel()

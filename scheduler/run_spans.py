@@ -61,8 +61,11 @@ class RunSpans:
             f"generate round {round_no}", self._run_context, **{"conveyor.round": round_no}
         )
         self._round_context = trace.set_span_in_context(span, self._run_context)
-        with trace.use_span(span, end_on_exit=True):
-            yield span
+        try:
+            with trace.use_span(span, end_on_exit=True):
+                yield span
+        finally:
+            self._round_context = None  # calls opened after it hang from the run
 
     def on_event(self, event: RunEvent) -> None:
         if isinstance(event, ToolCallStarted):
@@ -102,8 +105,17 @@ class RunSpans:
             trace.get_current_span(self._run_context).set_attribute(
                 "conveyor.finish_reason", event.finish_reason.value
             )
-            for call_id in list(self._calls):
-                self._end_call(call_id, None)
+            self.close("")
+
+    def close(self, reason: str) -> None:
+        """Ends every span still open (the run ended, or the client left:
+        `reason` then marks them as errors)."""
+        for span in [*self._units.values(), *self._calls.values()]:
+            if reason:
+                span.set_status(trace.StatusCode.ERROR, reason)
+            span.end()
+        self._units.clear()
+        self._calls.clear()
 
     def _end_call(self, call_id: str, event: RunEvent | None) -> None:
         for key in [k for k in self._units if k[0] == call_id]:

@@ -7,6 +7,7 @@ import weakref
 import grpc
 from conveyor.v1 import conveyor_pb2, conveyor_pb2_grpc
 
+from conveyor_common.security import AuthInterceptor
 from conveyor_common.server import (
     add_standard_services,
     bind,
@@ -14,6 +15,7 @@ from conveyor_common.server import (
     on_stop,
     private_socket,
     serve_health,
+    stop_server,
 )
 from scheduler.config import SchedulerConfig
 from scheduler.gateway_client import GatewayClient
@@ -30,9 +32,10 @@ async def create_server(
     worker = WorkerClient(config.worker_target, config.connect_timeout, config.downstream)
     gateway = GatewayClient(config.gateway_target, config.connect_timeout, config.downstream)
     security = config.security
-    server = new_server(
-        max_receive_bytes=config.max_request_bytes, interceptors=security.interceptors()
-    )
+    interceptors = security.interceptors()
+    server = new_server(max_receive_bytes=config.max_request_bytes, interceptors=interceptors)
+    # What the HTTP front door shows the auth interceptor on the private socket.
+    local = next((i.local_metadata() for i in interceptors if isinstance(i, AuthInterceptor)), ())
     conveyor_pb2_grpc.add_ConveyorServiceServicer_to_server(
         ConveyorServicer(config, worker, gateway), server
     )
@@ -44,9 +47,13 @@ async def create_server(
         await serve_health(server, host, security.health_port)
     on_stop(server, worker.close)
     on_stop(server, gateway.close)
-    await server.start()
-    if config.http_port is not None:
-        await _start_http(server, config, worker, host, loopback)
+    try:
+        await server.start()
+        if config.http_port is not None:
+            await _start_http(server, config, worker, host, loopback, local)
+    except BaseException:
+        await stop_server(server, 0)  # the health port, the socket, the channels
+        raise
     # The scheduler holds no model: it serves once listening; a missing
     # downstream shows up as a clear UNAVAILABLE on the run.
     await health.set(True)
@@ -62,14 +69,22 @@ def http_port(server: grpc.aio.Server) -> int | None:
 
 
 async def _start_http(
-    server, config: SchedulerConfig, worker: WorkerClient, host: str, socket: str
+    server,
+    config: SchedulerConfig,
+    worker: WorkerClient,
+    host: str,
+    socket: str,
+    local: tuple[tuple[str, str], ...],
 ) -> None:
     """The HTTP front door checks each caller itself (the same TLS and
     tokens as the gRPC port), then calls this server's Run over its private
     Unix socket, so every limit, metric and cancel is Run's."""
     channel = grpc.aio.insecure_channel(socket)
     handlers = ChatCompletions(
-        conveyor_pb2_grpc.ConveyorServiceStub(channel), worker.model_name, config.run_timeout
+        conveyor_pb2_grpc.ConveyorServiceStub(channel),
+        worker.model_name,
+        config.run_timeout,
+        local,
     )
     door = HttpFrontDoor(handlers, config.security)
     _http_ports[server] = await door.start(host, config.http_port)

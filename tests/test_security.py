@@ -277,17 +277,17 @@ async def test_a_rotated_token_file_takes_effect_without_a_restart(secure_stack,
         try:
             assert await works(old) and not await works(new)
             path.write_text(f"# rotated\n{new}\n{old}\n")  # both, during the switch
-            await asyncio.sleep(1.1)
+            await asyncio.sleep(2.1)
             assert await works(new) and await works(old)
             path.write_text(f"{new}\n")  # the old one retired
-            await asyncio.sleep(1.1)
+            await asyncio.sleep(2.1)
             assert await works(new) and not await works(old)
             path.write_text("short\n")  # a bad rewrite keeps the last good tokens
-            await asyncio.sleep(1.1)
+            await asyncio.sleep(2.1)
             assert await works(new)
         finally:
             path.write_text(f"{old}\n")
-            await asyncio.sleep(1.1)
+            await asyncio.sleep(2.1)
 
 
 async def test_a_renewed_server_certificate_is_served_to_new_connections(
@@ -326,7 +326,7 @@ async def test_a_renewed_server_certificate_is_served_to_new_connections(
         assert await serving(first / "ca.crt") and not await serving(second / "ca.crt")
         for name in ("tool-gateway.crt", "tool-gateway.key"):
             shutil.copy(second / name, live / name)
-        await asyncio.sleep(1.1)
+        await asyncio.sleep(2.1)
         assert await serving(second / "ca.crt") and not await serving(first / "ca.crt")
     finally:
         await stop_server(server, 0)
@@ -501,3 +501,96 @@ async def test_the_cli_connects_with_tls_and_a_token(secure_stack, bundle):
     assert code == 0 and "python" in out
     code, _, err = await cli(token=None)
     assert code == 2 and "UNAUTHENTICATED" in err
+
+
+def test_renewed_certificates_come_from_the_same_ca_and_keep_the_tokens(tmp_path):
+    from cryptography import x509
+
+    certs.write_bundle(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    certs.write_bundle(tmp_path, renew=True)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for same in ("ca.crt", "ca.key", "api-tokens", "scheduler-token", "internal-tokens"):
+        assert after[same] == before[same]
+    assert after["llm-worker.crt"] != before["llm-worker.crt"]
+    ca = x509.load_pem_x509_certificate(after["ca.crt"])
+    renewed = x509.load_pem_x509_certificate(after["llm-worker.crt"])
+    renewed.verify_directly_issued_by(ca)
+
+
+async def test_the_http_front_door_takes_a_renewed_certificate(bundle, tmp_path, worker, gateway):
+    """The door's certificate swapped for one from another CA: a client that
+    trusts only the new CA gets through once the files have settled."""
+    from scheduler.config import SchedulerConfig
+    from scheduler.server import create_server, http_port
+
+    first, second, live = tmp_path / "a", tmp_path / "b", tmp_path / "live"
+    certs.write_bundle(first)
+    certs.write_bundle(second)
+    live.mkdir()
+    for name in ("scheduler.crt", "scheduler.key"):
+        shutil.copy(first / name, live / name)
+    _, worker_target = worker
+    config = SchedulerConfig(
+        worker_target=worker_target,
+        gateway_target=gateway,
+        http_port=0,
+        security=ServerSecurity(
+            tls=TlsFiles(str(live / "scheduler.crt"), str(live / "scheduler.key"))
+        ),
+    )
+    server, _ = await create_server(config)
+    url = f"https://localhost:{http_port(server)}/health"
+
+    async def trusted_by(ca: Path) -> bool:
+        verify = ssl.create_default_context(cafile=str(ca))
+        async with httpx.AsyncClient(verify=verify) as h:
+            try:
+                return (await h.get(url)).status_code == 200
+            except httpx.ConnectError:
+                return False
+
+    try:
+        assert await trusted_by(first / "ca.crt") and not await trusted_by(second / "ca.crt")
+        for name in ("scheduler.crt", "scheduler.key"):
+            shutil.copy(second / name, live / name)
+        for _ in range(40):
+            if await trusted_by(second / "ca.crt"):
+                break
+            await asyncio.sleep(0.25)
+        assert await trusted_by(second / "ca.crt") and not await trusted_by(first / "ca.crt")
+    finally:
+        await stop_server(server, 0)
+
+
+async def test_a_unix_socket_caller_is_not_trusted_without_the_local_secret(tmp_path):
+    """Only the front door, holding its server's secret, skips the token on
+    the private socket; anyone else there is judged like any caller."""
+    from conveyor_common.server import bind, extras
+    from scheduler.config import SchedulerConfig
+    from scheduler.server import create_server
+
+    path = tmp_path / "tokens"
+    path.write_text(certs.new_token() + "\n")
+    config = SchedulerConfig(
+        worker_target="127.0.0.1:1",
+        gateway_target="127.0.0.1:1",
+        connect_timeout=0.5,
+        http_port=0,
+        security=ServerSecurity(tokens=TokenSet(str(path))),
+    )
+    server, _ = await create_server(config)
+    try:
+        async with grpc.aio.insecure_channel(extras(server).socket) as channel:
+            stub = conveyor_pb2_grpc.ConveyorServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListTools(
+                    conveyor_pb2.ListToolsRequest(),
+                    timeout=5,
+                    metadata=(("x-conveyor-local", "0" * 64),),
+                )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(ValueError, match="TCP"):
+            bind(server, "unix:/tmp/x.sock", 0)
+    finally:
+        await stop_server(server, 0)
