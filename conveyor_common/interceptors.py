@@ -147,9 +147,12 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 started.span.set_status(trace.StatusCode.ERROR, code.name)
             started.span.end()
             # A stream abandoned at a `yield` (client cancel) is closed later
-            # in another task's context, where the token does not apply.
-            if trace.get_current_span() is started.span:
-                otel_context.detach(started.token)
+            # in another task's context, where the token does not apply
+            # (otel's detach would log a traceback for it).
+            try:
+                started.token.var.reset(started.token)
+            except ValueError:
+                pass
 
         return _wrap(handler, bind, done)
 

@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="SQLite file the database tool opens read-only; empty: the built sample database",
     )
+    p.add_argument(
+        "--mcp-port",
+        type=int,
+        default=None,
+        help="also serve the tools over MCP (streamable HTTP at /mcp) on this port, on --host, "
+        "with the same TLS and tokens (default: off; 0 picks a free port)",
+    )
+    p.add_argument(
+        "--mcp-session-idle",
+        type=float,
+        default=600.0,
+        help="seconds an idle MCP session keeps its interpreters",
+    )
     return p
 
 
@@ -97,6 +110,8 @@ class GatewayConfig:
     tools_file: str = ""
     search_url: str = ""
     database_path: str = ""
+    mcp_port: int | None = None  # serve the tools over MCP (streamable HTTP); None: off
+    mcp_session_idle: float = 600.0
     security: ServerSecurity = field(default_factory=ServerSecurity)
 
     def __post_init__(self) -> None:
@@ -136,5 +151,7 @@ class GatewayConfig:
             tools_file=ns.tools_file,
             search_url=ns.search_url,
             database_path=ns.database_path,
+            mcp_port=ns.mcp_port,
+            mcp_session_idle=ns.mcp_session_idle,
             security=server_security_from_args(ns),
         )

@@ -361,7 +361,10 @@ class StreamExecutor:
                     call, ToolErrorCode.CANCELLED, "the stream ended before the call was closed"
                 )
         tasks = [call.task for call in self._calls.values() if call.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Shielded: a drain cut short (the stream went away) must not cancel
+        # the calls itself; shutdown stops them, once (a second cancel would
+        # cut short a tool's own clean-up, such as MCP's cancel notification).
+        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
         self._events.put_nowait(None)
 
     async def shutdown(self) -> None:

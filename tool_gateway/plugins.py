@@ -23,6 +23,9 @@ A YAML file (`--tools-file`) maps OpenAI-style function specs to handlers:
           http: http://weather-svc:8080/unit      # POSTed each unit
           timeout_seconds: 10
 
+The same file's `mcp_servers:` list adds every tool of those MCP servers
+(tool_gateway/mcp_client.py has the keys).
+
 A tool that cannot be loaded stops the gateway at start with a message that
 names it: a gateway silently missing a tool fails every run that needs it.
 """
@@ -35,8 +38,10 @@ from pathlib import Path
 
 import yaml
 
+from tool_gateway.mcp_client import McpConnection, McpError, McpServerConfig
 from tool_gateway.tools.base import PartialMode, Tool, ToolSpec
 from tool_gateway.tools.external import ExternalTool, http_handler, import_handler
+from tool_gateway.tools.mcp_tool import McpTool
 
 ENTRY_POINT_GROUP = "conveyor.tools"
 
@@ -65,16 +70,80 @@ async def entry_point_tools(config) -> list[Tool]:
     return tools
 
 
-def file_tools(path: str | Path) -> list[Tool]:
-    """The tools a YAML tools file declares."""
+def _read(path: str | Path) -> dict:
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise PluginError(f"tools file {path}: {e}") from e
-    entries = doc.get("tools") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not ({"tools", "mcp_servers"} & set(doc)):
+        raise PluginError(
+            f"tools file {path}: expected a top-level 'tools:' or 'mcp_servers:' list"
+        )
+    return doc
+
+
+def file_tools(path: str | Path) -> list[Tool]:
+    """The tools a YAML tools file declares under `tools:`."""
+    entries = _read(path).get("tools", [])
     if not isinstance(entries, list):
         raise PluginError(f"tools file {path}: expected a top-level 'tools:' list")
     return [_file_tool(path, i, entry) for i, entry in enumerate(entries)]
+
+
+def mcp_server_configs(path: str | Path) -> list[McpServerConfig]:
+    entries = _read(path).get("mcp_servers", [])
+    if not isinstance(entries, list):
+        raise PluginError(f"tools file {path}: 'mcp_servers' must be a list")
+    configs = []
+    for i, entry in enumerate(entries):
+        where = f"tools file {path}, MCP server {i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise PluginError(f"{where}: expected a mapping with a 'name'")
+        try:
+            configs.append(
+                McpServerConfig(
+                    name=entry["name"],
+                    command=str(entry.get("command", "")),
+                    args=tuple(str(a) for a in entry.get("args", ())),
+                    env={str(k): str(v) for k, v in (entry.get("env") or {}).items()},
+                    url=str(entry.get("url", "")),
+                    headers={str(k): str(v) for k, v in (entry.get("headers") or {}).items()},
+                    timeout_seconds=float(entry.get("timeout_seconds", 60)),
+                    prefix=str(entry.get("prefix", "")),
+                    tools=dict(entry.get("tools") or {}),
+                )
+            )
+        except (TypeError, ValueError, AttributeError) as e:
+            raise PluginError(f"{where} ({entry['name']}): {e}") from e
+    return configs
+
+
+async def mcp_tools(path: str | Path) -> tuple[list[Tool], list[McpConnection]]:
+    """Every tool of the MCP servers the file declares: each server is
+    started (or reached) now and its tools listed. A server that fails
+    here stops the gateway, as any tool that cannot be loaded does."""
+    tools: list[Tool] = []
+    connections = []
+    for config in mcp_server_configs(path):
+        connection = McpConnection(config)
+        connections.append(connection)
+        try:
+            listed = await connection.list_tools()
+        except McpError as e:
+            for c in connections:
+                await c.close()
+            raise PluginError(f"tools file {path}: {e}") from e
+        for info in listed:
+            overrides = config.tools.get(info.name) or {}
+            spec = ToolSpec(
+                name=config.prefix + info.name,
+                description=str(overrides.get("description", info.description)),
+                parameters=info.input_schema or {"type": "object", "properties": {}},
+                partial_mode=PartialMode.WHOLE,
+                partial_safe=bool(overrides.get("partial_safe", False)),
+            )
+            tools.append(McpTool(spec, connection, info.name))
+    return tools, connections
 
 
 def _file_tool(path, i: int, entry: object) -> Tool:

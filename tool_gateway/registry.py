@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tool_gateway.config import GatewayConfig
-from tool_gateway.plugins import entry_point_tools, file_tools
+from tool_gateway.plugins import entry_point_tools, file_tools, mcp_tools
 from tool_gateway.tools.base import Tool, ToolSpec
 from tool_gateway.tools.calculator_tool import CalculatorTool
 from tool_gateway.tools.database_tool import DatabaseTool
@@ -15,7 +15,8 @@ from tool_gateway.tools.validate_tool import book_flight_tool
 
 
 class ToolRegistry:
-    def __init__(self, tools: Iterable[Tool]):
+    def __init__(self, tools: Iterable[Tool], connections: Iterable = ()):
+        self._connections = list(connections)  # MCP servers, closed with the gateway
         self._tools: dict[str, Tool] = {}
         for tool in tools:
             if tool.spec.name in self._tools:
@@ -31,6 +32,10 @@ class ToolRegistry:
     def specs(self) -> list[ToolSpec]:
         return [self._tools[name].spec for name in self.names()]
 
+    async def close(self) -> None:
+        for connection in self._connections:
+            await connection.close()
+
 
 async def build_registry(config: GatewayConfig) -> ToolRegistry:
     """The built-in tools, then entry-point tools, then the tools file's.
@@ -45,6 +50,14 @@ async def build_registry(config: GatewayConfig) -> ToolRegistry:
         CalculatorTool(),
     ]
     tools += await entry_point_tools(config)
+    connections = []
     if config.tools_file:
         tools += file_tools(config.tools_file)
-    return ToolRegistry(tools)
+        from_mcp, connections = await mcp_tools(config.tools_file)
+        tools += from_mcp
+    try:
+        return ToolRegistry(tools, connections)
+    except ValueError:
+        for connection in connections:
+            await connection.close()
+        raise

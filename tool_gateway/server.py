@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import weakref
+
 import grpc
 import structlog
 from conveyor.v1 import tool_gateway_pb2, tool_gateway_pb2_grpc
 
 from conveyor_common.server import add_standard_services, bind, new_server, on_stop, serve_health
 from tool_gateway.config import GatewayConfig
+from tool_gateway.mcp_server import GatewayMcpServer
 from tool_gateway.registry import ToolRegistry, build_registry
 from tool_gateway.servicer import ToolGatewayServicer
 
 log = structlog.get_logger("gateway")
+
+_mcp_ports: weakref.WeakKeyDictionary[grpc.aio.Server, int] = weakref.WeakKeyDictionary()
+
+
+def mcp_port(server: grpc.aio.Server) -> int | None:
+    """The port of the gateway's MCP server; None when off."""
+    return _mcp_ports.get(server)
+
 
 SERVICE_NAME = tool_gateway_pb2.DESCRIPTOR.services_by_name["ToolGatewayService"].full_name
 
@@ -38,8 +49,13 @@ async def create_server(
     bound = bind(server, host, config.port if port is None else port, security)
     if security.health_port:
         await serve_health(server, host, security.health_port)
+    on_stop(server, registry.close)  # run in reverse: MCP servers stop after the calls
     on_stop(server, servicer.shutdown)
     await server.start()
+    if config.mcp_port is not None:
+        mcp = GatewayMcpServer(registry, config.call_timeout, security, config.mcp_session_idle)
+        _mcp_ports[server] = await mcp.start(host, config.mcp_port)
+        on_stop(server, mcp.stop)
     await health.set(True)
     log.info("serving", port=bound, tools=registry.names())
     return server, bound
