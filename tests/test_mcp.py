@@ -71,7 +71,14 @@ def tools_file(tmp_path_factory, repo, http_mcp) -> Path:
                 "name": "git",
                 "command": python,
                 "args": ["-m", "mcp_server_git", "-r", str(repo)],
-                "tools": {"git_log": {"partial_safe": True}},
+                "tools": {
+                    "git_log": {"partial_safe": True},
+                    "git_show": {
+                        "partial_mode": "JSON_FIELDS",
+                        "partial_safe": True,
+                        "handler": "tests.mcp_servers.handlers:show_revision",
+                    },
+                },
             },
             {
                 "name": "sdk-http",
@@ -186,6 +193,18 @@ async def test_a_run_calls_mcp_tools_with_the_same_results_in_both_modes(mcp_stu
     assert ok and "+09:00" in converted and "21:00" in converted
     ok, log = partial["git_log"]
     assert ok and COMMIT_MESSAGE in log
+
+
+async def test_a_field_handler_maps_each_argument_to_its_own_mcp_call(mcp_stub, repo):
+    """git_show as JSON_FIELDS: `repo_path` makes no call; `revision` makes
+    one the moment the model has written it, before the call is closed."""
+    call = _tool_call("git_show", {"repo_path": str(repo), "revision": "HEAD"})
+    for mode in (conveyor_pb2.EXECUTION_MODE_PARTIAL, conveyor_pb2.EXECUTION_MODE_SEQUENTIAL):
+        events = [e async for e in mcp_stub.Run(_run(call, mode, ["git_show"]), timeout=120)]
+        units = [e.unit_dispatched for e in events if e.HasField("unit_dispatched")]
+        assert [u.field for u in units] == ["repo_path", "revision"]
+        ok, shown = _outcomes(events)["git_show"]
+        assert ok and COMMIT_MESSAGE in shown
 
 
 async def test_mcp_progress_becomes_unit_progress(mcp_stub):

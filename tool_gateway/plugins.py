@@ -134,16 +134,34 @@ async def mcp_tools(path: str | Path) -> tuple[list[Tool], list[McpConnection]]:
                 await c.close()
             raise PluginError(f"tools file {path}: {e}") from e
         for info in listed:
-            overrides = config.tools.get(info.name) or {}
-            spec = ToolSpec(
-                name=config.prefix + info.name,
-                description=str(overrides.get("description", info.description)),
-                parameters=info.input_schema or {"type": "object", "properties": {}},
-                partial_mode=PartialMode.WHOLE,
-                partial_safe=bool(overrides.get("partial_safe", False)),
-            )
-            tools.append(McpTool(spec, connection, info.name))
+            try:
+                tools.append(_mcp_tool(config, connection, info))
+            except (ValueError, ImportError, AttributeError) as e:
+                for c in connections:
+                    await c.close()
+                raise PluginError(f"tools file {path}, MCP tool {info.name!r}: {e}") from e
     return tools, connections
+
+
+def _mcp_tool(config: McpServerConfig, connection: McpConnection, info) -> McpTool:
+    """A listed tool with the file's overrides: description, partial_safe,
+    and partial_mode JSON_FIELDS with a field handler."""
+    overrides = config.tools.get(info.name) or {}
+    mode = PartialMode(str(overrides.get("partial_mode", "WHOLE")).upper())
+    handler = overrides.get("handler")
+    if (mode == PartialMode.JSON_FIELDS) != bool(handler):
+        raise ValueError("partial_mode JSON_FIELDS and a 'handler' go together")
+    if mode not in (PartialMode.WHOLE, PartialMode.JSON_FIELDS):
+        raise ValueError(f"an MCP tool is WHOLE or JSON_FIELDS, not {mode.value}")
+    spec = ToolSpec(
+        name=config.prefix + info.name,
+        description=str(overrides.get("description", info.description)),
+        parameters=info.input_schema or {"type": "object", "properties": {}},
+        partial_mode=mode,
+        partial_safe=bool(overrides.get("partial_safe", False)),
+    )
+    field_handler = import_handler(str(handler)) if handler else None
+    return McpTool(spec, connection, info.name, field_handler)
 
 
 def _file_tool(path, i: int, entry: object) -> Tool:
