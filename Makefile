@@ -10,7 +10,7 @@ PROTOS := $(wildcard protos/conveyor/v1/*.proto)
 PROTO_STAMP := $(GEN)/.stamp
 export PYTHONPATH := $(CURDIR)/$(GEN):$(CURDIR)
 
-.PHONY: all install install-vllm install-llamacpp proto run up down test lint clean bench bench-parsers bench-worker bench-security fuzz secrets
+.PHONY: all install install-vllm install-llamacpp proto run up down test lint clean bench bench-parsers bench-worker bench-security bench-mcp fuzz secrets
 
 all: install proto
 
@@ -97,6 +97,11 @@ down:
 # bench/results/security.{md,json}.
 bench-security: proto
 	$(PY) -m bench.security $(BENCH_ARGS)
+
+# What the MCP paths cost (the gateway hop to an MCP server; the gateway's
+# own MCP server against its gRPC stream); writes bench/results/mcp.{md,json}.
+bench-mcp: proto
+	$(PY) -m bench.mcp $(BENCH_ARGS)
 
 # A private CA, a certificate per service and tokens, for docker compose
 # (its secrets) or a first Kubernetes install. RENEW=1 issues new service
