@@ -379,3 +379,49 @@ async def test_the_mcp_port_wants_the_gateways_token(served):
         )
     assert refused.status_code == 401 and wrong.status_code == 401
     assert refused.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_a_stateless_client_cannot_pick_another_sessions_interpreter(served):
+    """On MCP's stateless protocol a client's own Mcp-Session-Id header
+    names nothing: its call gets a fresh interpreter, not that session's."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    url, token = served
+    seen_ids: set[str] = set()
+
+    async def remember(response):
+        if "mcp-session-id" in response.headers:
+            seen_ids.add(response.headers["mcp-session-id"])
+
+    http = httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {token}"}, event_hooks={"response": [remember]}
+    )
+    owner = Client(streamable_http_client(url, http_client=http), mode="legacy")
+    async with http, owner:
+        await owner.call_tool("python", {"code": "secret = 'kept'\n"})
+        assert len(seen_ids) == 1
+        session_id = seen_ids.pop()
+        forged = httpx2.AsyncClient(
+            headers={"Authorization": f"Bearer {token}", "Mcp-Session-Id": str(session_id)}
+        )
+        async with forged, Client(streamable_http_client(url, http_client=forged)) as intruder:
+            seen = await intruder.call_tool("python", {"code": "print('secret' in globals())\n"})
+        assert "False" in seen.content[0].text
+        mine = await owner.call_tool("python", {"code": "print(secret)\n"})
+        assert "kept" in mine.content[0].text
+
+
+async def test_a_server_that_died_while_idle_is_restarted_for_the_next_call(mcp_gateway):
+    kind, first = _last(await _execute(mcp_gateway, "local_echo", {"text": "a"}))
+    assert kind == "call_result" and first.ok
+    pid = int(first.output.split("pid ")[1].rstrip(")"))
+    import os
+    import signal
+
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    kind, again = _last(await _execute(mcp_gateway, "local_echo", {"text": "b"}))
+    assert kind == "call_result" and again.ok, again
+    assert int(again.output.split("pid ")[1].rstrip(")")) != pid

@@ -64,14 +64,23 @@ class McpServerConfig:
         if not self.timeout_seconds > 0:
             raise ValueError(f"MCP server {self.name!r}: timeout_seconds must be positive")
 
-    @property
-    def where(self) -> str:
-        return self.url or " ".join([self.command, *self.args])
+    def check_environment(self) -> None:
+        """Fails now, naming it, if a ${VAR} the server needs is unset."""
+        for value in [*self.env.values(), *self.headers.values()]:
+            expand(value)
 
 
 def expand(value: str) -> str:
-    """`${NAME}` from the gateway's environment (so secrets stay out of the file)."""
-    return _ENV_REFERENCE.sub(lambda m: os.environ.get(m.group(1), ""), value)
+    """`${NAME}` from the gateway's environment (so secrets stay out of the
+    file); an unset NAME is an error that names it."""
+
+    def value_of(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise McpError(f"${{{name}}} is not set in the gateway's environment")
+        return os.environ[name]
+
+    return _ENV_REFERENCE.sub(value_of, value)
 
 
 @dataclass(frozen=True)
@@ -90,35 +99,42 @@ class McpResult:
 Progress = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
+@dataclass
+class _Link:
+    """One connection's life: its owner task, the client once connected,
+    and the event that ends it. A new link replaces a failed one, and a late
+    failure of the old one never touches the new."""
+
+    ready: asyncio.Future
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    owner: asyncio.Task | None = None
+
+
 class McpConnection:
     """One MCP server: started (stdio) or connected (HTTP) on first use and
     again after it fails."""
 
     def __init__(self, config: McpServerConfig):
         self.config = config
-        self._client = None
-        self._owner: asyncio.Task | None = None
-        self._ready: asyncio.Future | None = None
-        self._stop = asyncio.Event()
+        self._link: _Link | None = None
         self._lock = asyncio.Lock()
 
-    async def _connected(self):
+    async def _connected(self) -> tuple[object, _Link]:
         async with self._lock:
-            if self._owner is None or self._owner.done():
-                self._stop = asyncio.Event()
-                self._ready = asyncio.get_running_loop().create_future()
-                self._owner = asyncio.create_task(self._own(), name=f"mcp {self.config.name}")
-            ready = self._ready
+            link = self._link
+            if link is None or link.owner.done():
+                link = _Link(asyncio.get_running_loop().create_future())
+                link.owner = asyncio.create_task(self._own(link), name=f"mcp {self.config.name}")
+                self._link = link
         try:
-            return await asyncio.wait_for(asyncio.shield(ready), CONNECT_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.shield(link.ready), CONNECT_TIMEOUT_S), link
         except TimeoutError:
-            await self._drop()
+            await self._drop(link)
             raise McpError(
-                f"MCP server {self.config.name!r} ({self.config.where}) did not answer within "
-                f"{CONNECT_TIMEOUT_S:g} s"
+                f"MCP server {self.config.name!r} did not answer within {CONNECT_TIMEOUT_S:g} s"
             ) from None
 
-    async def _own(self) -> None:
+    async def _own(self, link: _Link) -> None:
         """Holds the SDK client open until stopped (the SDK's task groups must
         be entered and left in one task)."""
         from mcp import Client
@@ -126,15 +142,12 @@ class McpConnection:
         try:
             async with self._transport() as transport:
                 async with Client(transport, mode="legacy") as client:
-                    self._ready.set_result(client)
-                    await self._stop.wait()
+                    link.ready.set_result(client)
+                    await link.stop.wait()
         except BaseException as e:  # noqa: BLE001 (the SDK raises exception groups)
-            if not self._ready.done():
-                self._ready.set_exception(
-                    McpError(
-                        f"MCP server {self.config.name!r} ({self.config.where}) could not be "
-                        f"started: {_reason(e)}"
-                    )
+            if not link.ready.done():
+                link.ready.set_exception(
+                    McpError(f"MCP server {self.config.name!r} could not be started: {_reason(e)}")
                 )
             if isinstance(e, asyncio.CancelledError):
                 raise
@@ -166,22 +179,29 @@ class McpConnection:
 
         return transport()
 
-    async def _drop(self) -> None:
-        """Stops the connection; the next call makes a new one."""
-        owner, self._owner = self._owner, None
-        if owner is not None and not owner.done():
-            self._stop.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(owner), 10)
-            except BaseException:  # noqa: BLE001 (a dead server's exit raises groups)
-                owner.cancel()
+    async def _drop(self, link: _Link) -> None:
+        """Ends `link`; the next call makes a new one. A no-op for a link
+        already replaced."""
+        if self._link is link:
+            self._link = None
+        if link.owner is None or link.owner.done():
+            return
+        link.stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(link.owner), 10)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                link.owner.cancel()
+                raise  # our own caller was cancelled: say so
+        except BaseException:  # noqa: BLE001 (a dead server's exit raises groups)
+            link.owner.cancel()
 
     async def list_tools(self) -> list[McpToolInfo]:
-        client = await self._connected()
+        client, link = await self._connected()
         try:
             listed = await asyncio.wait_for(client.list_tools(), self.config.timeout_seconds)
-        except BaseException as e:  # noqa: BLE001
-            await self._after_failure(e)
+        except Exception as e:
+            await self._failed(link, e)
             raise McpError(
                 f"MCP server {self.config.name!r}: listing its tools failed: {_reason(e)}"
             ) from None
@@ -193,46 +213,84 @@ class McpConnection:
     async def call(self, tool: str, arguments: dict, on_progress: Progress | None) -> McpResult:
         """Calls `tool`; raises McpTimeout past the server's timeout and
         McpError when the server fails or dies (it is restarted for the next
-        call). Cancelling the awaiting task cancels the call on the server
-        (the SDK sends notifications/cancelled)."""
+        call). A session the server no longer knows (it restarted, or let
+        the session expire) is reconnected and the call sent once more: the
+        server refused it unrun. Cancelling the awaiting task cancels the
+        call on the server (the SDK sends notifications/cancelled)."""
+        for attempt in (1, 2):
+            client, link = await self._connected()
+            if _closed(client):  # the server died while idle: nothing was sent yet
+                await self._failed(link, McpError("the connection had closed"))
+                client, link = await self._connected()
+            try:
+                result = await client.call_tool(
+                    tool,
+                    arguments,
+                    read_timeout_seconds=self.config.timeout_seconds,
+                    progress_callback=on_progress,
+                )
+            except Exception as e:
+                if _session_gone(e) and attempt == 1:
+                    await self._failed(link, e)
+                    continue
+                raise await self._call_error(link, tool, e) from None
+            return McpResult(not result.is_error, _text_of(result))
+        raise AssertionError("unreachable")
+
+    async def _call_error(self, link: _Link, tool: str, e: Exception) -> McpError:
         from mcp import MCPError
 
-        client = await self._connected()
-        try:
-            result = await client.call_tool(
-                tool,
-                arguments,
-                read_timeout_seconds=self.config.timeout_seconds,
-                progress_callback=on_progress,
+        name = self.config.name
+        if isinstance(e, MCPError) and e.code == -32001:  # REQUEST_TIMEOUT
+            return McpTimeout(
+                f"MCP server {name!r}: {tool} ran past its {self.config.timeout_seconds:g} s "
+                "timeout and was cancelled"
             )
-        except MCPError as e:
-            if e.code == -32001:  # REQUEST_TIMEOUT
-                raise McpTimeout(
-                    f"MCP server {self.config.name!r}: {tool} ran past its "
-                    f"{self.config.timeout_seconds:g} s timeout and was cancelled"
-                ) from None
-            if e.code == -32000:  # CONNECTION_CLOSED: the server died
-                await self._after_failure(e)
-                raise McpError(
-                    f"MCP server {self.config.name!r} closed the connection during {tool}: "
-                    f"{e.message}; it is restarted for the next call"
-                ) from None
-            raise McpError(f"MCP server {self.config.name!r}: {tool}: {e.message}") from None
-        except asyncio.CancelledError:
-            if self._owner is not None and self._owner.done():
-                raise McpError(f"MCP server {self.config.name!r} went away during {tool}") from None
-            raise
-        except Exception as e:
-            await self._after_failure(e)
-            raise McpError(f"MCP server {self.config.name!r}: {tool}: {_reason(e)}") from None
-        return McpResult(not result.is_error, _text_of(result))
+        if _connection_failed(e):
+            await self._failed(link, e)
+            return McpError(
+                f"MCP server {name!r} closed the connection during {tool}: {_reason(e)}; it is "
+                "restarted for the next call"
+            )
+        # The server answered with an error, or the SDK refused its answer:
+        # the connection is fine, and so are the other calls on it.
+        return McpError(f"MCP server {name!r}: {tool}: {_reason(e)}")
 
-    async def _after_failure(self, error: BaseException) -> None:
+    async def _failed(self, link: _Link, error: BaseException) -> None:
         log.warning("mcp server failed", server=self.config.name, error=_reason(error))
-        await self._drop()
+        await self._drop(link)
 
     async def close(self) -> None:
-        await self._drop()
+        if self._link is not None:
+            await self._drop(self._link)
+
+
+def _connection_failed(error: BaseException) -> bool:
+    """The connection, not the call, failed (the server died or went away)."""
+    from mcp import MCPError
+
+    if isinstance(error, MCPError):
+        return error.code == -32000 or _session_gone(error)  # CONNECTION_CLOSED
+    return (
+        isinstance(error, OSError | EOFError)
+        or bool(getattr(error, "exceptions", None))
+        or (type(error).__module__.startswith(("httpx", "anyio")))
+    )
+
+
+def _closed(client) -> bool:
+    """Whether the SDK client's connection has already closed (its server
+    died while idle). Reads the SDK's private state (mcp 2.3); where that
+    is missing, False: the call then fails and the next one reconnects."""
+    dispatcher = getattr(getattr(client, "_session", None), "_dispatcher", None)
+    return bool(getattr(dispatcher, "_closed", False))
+
+
+def _session_gone(error: BaseException) -> bool:
+    """The HTTP server no longer knows the session (a 404 on it)."""
+    from mcp import MCPError
+
+    return isinstance(error, MCPError) and "session terminated" in str(error.message).lower()
 
 
 def _text_of(result) -> str:

@@ -20,6 +20,7 @@ be read on this port, so with them set it needs tokens too.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import time
@@ -60,25 +61,44 @@ class _Session:
 
     def __init__(self, registry: ToolRegistry, call_timeout: float, key: str):
         self.key = key
+        # For logs: the session id is a credential of sorts, so only a digest.
+        self.label = hashlib.sha256(key.encode()).hexdigest()[:12]
         self.executor = StreamExecutor(registry, call_timeout)
         self.waiting: dict[str, tuple[asyncio.Future, object]] = {}
         self.used = time.monotonic()
         self._reader = asyncio.create_task(self._read(), name=f"mcp session {key}")
 
     async def _read(self) -> None:
-        while (event := await self.executor.next_event()) is not None:
-            entry = self.waiting.get(event.call_id)
-            if entry is None:
-                continue
-            done, on_progress = entry
-            if isinstance(event, UnitProgress):
-                await on_progress(event)
-            elif isinstance(event, CallFinished | CallFailed) and not done.done():
-                done.set_result(event)
+        try:
+            while (event := await self.executor.next_event()) is not None:
+                entry = self.waiting.get(event.call_id)
+                if entry is None:
+                    continue
+                done, on_progress = entry
+                if isinstance(event, UnitProgress):
+                    # Progress is best effort: a client that cannot take it
+                    # must not hold up the session's results.
+                    task = asyncio.create_task(on_progress(event))
+                    task.add_done_callback(_quiet)
+                elif isinstance(event, CallFinished | CallFailed) and not done.done():
+                    done.set_result(event)
+        finally:  # the executor is done: nobody waits forever
+            for done, _ in self.waiting.values():
+                if not done.done():
+                    done.set_exception(RuntimeError("the MCP session's tools shut down"))
 
     async def close(self) -> None:
         await self.executor.shutdown()
         self._reader.cancel()
+
+
+def _quiet(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("mcp progress not delivered", error=str(task.exception()))
+
+
+# MCP sessions alive at once (each may hold interpreters until it is idle).
+MAX_SESSIONS = 64
 
 
 class GatewayMcpServer:
@@ -89,6 +109,8 @@ class GatewayMcpServer:
         security: ServerSecurity,
         session_idle: float = DEFAULT_SESSION_IDLE_S,
     ):
+        if not session_idle > 0:
+            raise ValueError(f"--mcp-session-idle must be positive, not {session_idle}")
         if security.allowed_names and security.tokens is None:
             raise SecurityConfigError(
                 "--mcp-port with --tls-allowed-names needs --auth-token-file: the MCP port "
@@ -147,6 +169,8 @@ class GatewayMcpServer:
             jsonschema.validate(arguments, spec.parameters or {"type": "object"})
         except jsonschema.ValidationError as e:
             return False, f"invalid arguments: {e.message}"
+        except jsonschema.SchemaError:
+            return False, f"the tool {name!r} has an invalid input schema"
         full_text = json.dumps(arguments, ensure_ascii=False)
         parser = arguments_parser_for(spec.partial_mode, spec.command_field)
         try:
@@ -156,6 +180,9 @@ class GatewayMcpServer:
         except ParseFailure as e:
             return False, f"invalid arguments: {e}"
         session_id = _session_id(ctx)
+        if session_id is not None and session_id not in self._sessions:
+            if len(self._sessions) >= MAX_SESSIONS:
+                return False, f"the gateway holds {MAX_SESSIONS} MCP sessions; try again later"
         session = self._session(session_id)
         call_id = f"mcp-{next(self._ids)}"
         done = asyncio.get_running_loop().create_future()
@@ -168,7 +195,7 @@ class GatewayMcpServer:
         session.waiting[call_id] = (done, on_progress)
         executor = session.executor
         executor.submit(
-            OpenCall(call_id, name, run_id=f"mcp:{session.key}", session_key=session.key)
+            OpenCall(call_id, name, run_id=f"mcp:{session.label}", session_key=session.key)
         )
         for unit in units:
             executor.submit(RunUnit(call_id, Unit(unit.index, unit.text, unit.field)))
@@ -202,8 +229,11 @@ class GatewayMcpServer:
             for key, session in list(self._sessions.items()):
                 if not session.waiting and now - session.used > self._session_idle:
                     self._sessions.pop(key, None)
-                    await session.close()
-                    log.info("mcp session closed (idle)", session=key)
+                    try:
+                        await session.close()
+                    except Exception as e:  # one session's failure must not end the reaper
+                        log.warning("mcp session close failed", error=str(e))
+                    log.info("mcp session closed (idle)", session=session.label)
 
     # ---- the HTTP server ------------------------------------------------
 
@@ -216,6 +246,8 @@ class GatewayMcpServer:
         security = self._security
 
         async def guarded(scope, receive, send):
+            if scope["type"] not in ("http", "lifespan"):
+                return  # no websockets here: the connection is closed unanswered
             if scope["type"] == "http":
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 header = headers.get(AUTHORIZATION_KEY)
@@ -242,10 +274,15 @@ class GatewayMcpServer:
         return guarded
 
     async def start(self, host: str, port: int) -> int:
+        import socket
         import ssl
 
         import uvicorn
 
+        # Bound here, so a port in use is an OSError for the caller (uvicorn
+        # would sys.exit inside its task).
+        sock = socket.create_server((host, port), reuse_port=False)
+        self._security.warn_if_exposed("mcp", host)
         tls = self._security.tls
         config = uvicorn.Config(
             self._app(host),
@@ -257,16 +294,17 @@ class GatewayMcpServer:
             ssl_keyfile=tls.key if tls else None,
             ssl_ca_certs=tls.ca if tls and tls.ca else None,
             ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.ca else ssl.CERT_NONE,
+            timeout_graceful_shutdown=2,
         )
         self._uvicorn = uvicorn.Server(config)
-        self._serving = asyncio.create_task(self._uvicorn.serve(), name="mcp http")
+        self._serving = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="mcp http")
         while not self._uvicorn.started:
             if self._serving.done():
                 self._serving.result()  # raises why it could not start
                 raise RuntimeError(f"the MCP server could not listen on {host}:{port}")
             await asyncio.sleep(0.02)
         self._reaper = asyncio.create_task(self._reap(), name="mcp session reaper")
-        bound = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+        bound = sock.getsockname()[1]
         log.info("mcp listening", host=host, port=bound, path=MCP_PATH)
         return bound
 
@@ -285,8 +323,10 @@ class GatewayMcpServer:
 
 
 def _session_id(ctx) -> str | None:
-    """The MCP session's id (the Mcp-Session-Id header of MCP's session
-    protocol); None for a client on the stateless protocol."""
-    request = getattr(ctx, "request", None)
-    headers = getattr(request, "headers", None)
-    return headers.get("mcp-session-id") if headers is not None else None
+    """The id of the MCP session the SDK routed this call to (MCP's session
+    protocol), never a header the client could set on a stateless request;
+    None on the stateless protocol. The SDK keeps it on private state (mcp
+    2.3); where that is missing, each call gets a fresh session."""
+    connection = getattr(getattr(ctx, "session", None), "_connection", None)
+    session_id = getattr(connection, "session_id", None)
+    return session_id if isinstance(session_id, str) and session_id else None

@@ -128,6 +128,7 @@ async def mcp_tools(path: str | Path) -> tuple[list[Tool], list[McpConnection]]:
         connection = McpConnection(config)
         connections.append(connection)
         try:
+            config.check_environment()
             listed = await connection.list_tools()
         except McpError as e:
             for c in connections:
@@ -136,7 +137,7 @@ async def mcp_tools(path: str | Path) -> tuple[list[Tool], list[McpConnection]]:
         for info in listed:
             try:
                 tools.append(_mcp_tool(config, connection, info))
-            except (ValueError, ImportError, AttributeError) as e:
+            except Exception as e:  # a bad override or handler: named, at start
                 for c in connections:
                     await c.close()
                 raise PluginError(f"tools file {path}, MCP tool {info.name!r}: {e}") from e

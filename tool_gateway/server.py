@@ -8,7 +8,14 @@ import grpc
 import structlog
 from conveyor.v1 import tool_gateway_pb2, tool_gateway_pb2_grpc
 
-from conveyor_common.server import add_standard_services, bind, new_server, on_stop, serve_health
+from conveyor_common.server import (
+    add_standard_services,
+    bind,
+    new_server,
+    on_stop,
+    serve_health,
+    stop_server,
+)
 from tool_gateway.config import GatewayConfig
 from tool_gateway.mcp_server import GatewayMcpServer
 from tool_gateway.registry import ToolRegistry, build_registry
@@ -51,11 +58,20 @@ async def create_server(
         await serve_health(server, host, security.health_port)
     on_stop(server, registry.close)  # run in reverse: MCP servers stop after the calls
     on_stop(server, servicer.shutdown)
-    await server.start()
-    if config.mcp_port is not None:
-        mcp = GatewayMcpServer(registry, config.call_timeout, security, config.mcp_session_idle)
-        _mcp_ports[server] = await mcp.start(host, config.mcp_port)
-        on_stop(server, mcp.stop)
+    try:
+        # Checked before anything starts: a bad MCP setting fails the start cleanly.
+        mcp = (
+            GatewayMcpServer(registry, config.call_timeout, security, config.mcp_session_idle)
+            if config.mcp_port is not None
+            else None
+        )
+        await server.start()
+        if mcp is not None:
+            _mcp_ports[server] = await mcp.start(host, config.mcp_port)
+            on_stop(server, mcp.stop)
+    except BaseException:
+        await stop_server(server, 0)  # the calls, the MCP servers, the health port
+        raise
     await health.set(True)
     log.info("serving", port=bound, tools=registry.names())
     return server, bound
