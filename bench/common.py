@@ -39,6 +39,18 @@ def cpu_name(m: dict) -> str:
     return m["cpu_model"] or m["processor"] or m["machine"]
 
 
+def latency_summary(samples: list[float]) -> dict:
+    """Seconds measured -> median and p90 in ms, and the count."""
+    import statistics
+
+    ordered = sorted(samples)
+    return {
+        "median_ms": 1000 * statistics.median(ordered),
+        "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
+        "n": len(ordered),
+    }
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -31,15 +30,6 @@ from bench import common
 OUT = Path("bench/results/mcp")
 ARGS = {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}
 CODE = "x = sum(range(1000))\nprint(x)\n"
-
-
-def _summary(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {
-        "median_ms": 1000 * statistics.median(ordered),
-        "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
-        "n": len(ordered),
-    }
 
 
 async def _execute(stub, tool: str, arguments: dict, units: list[tuple[str, str]]) -> str:
@@ -140,7 +130,10 @@ async def measure(n: int, say) -> dict:
                         say(f"round {i}/{n + 3}")
         finally:
             await stop_server(gateway, 0)
-    return {row: {c: _summary(v) for c, v in columns.items()} for row, columns in rows.items()}
+    return {
+        row: {c: common.latency_summary(v) for c, v in columns.items()}
+        for row, columns in rows.items()
+    }
 
 
 def report(results: dict) -> str:

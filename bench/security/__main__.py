@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
-import statistics
 import tempfile
 import time
 from concurrent import futures
@@ -155,15 +154,6 @@ class _Receiver:
         self.server.start()
 
 
-def _summary(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {
-        "median_ms": 1000 * statistics.median(ordered),
-        "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
-        "n": len(ordered),
-    }
-
-
 async def _timed(call) -> float:
     start = time.perf_counter()
     await call()
@@ -242,7 +232,7 @@ async def measure(stacks: list[Stack], quick: bool, say) -> dict:
         await worker.close()
     rows = {}
     for row in samples[stacks[0].name]:
-        rows[row] = {s.name: _summary(samples[s.name][row]) for s in stacks}
+        rows[row] = {s.name: common.latency_summary(samples[s.name][row]) for s in stacks}
     return rows
 
 
