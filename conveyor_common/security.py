@@ -63,13 +63,20 @@ class SecurityConfigError(ValueError):
 class Settled:
     """Says when a watched set of files has changed and its newest write is
     at least a second old: a file rewritten in place is taken once its
-    writer is done, never half-written (empty, or a token cut short)."""
+    writer is done, never half-written (empty, or a token cut short). It
+    looks at the files at most once every RELOAD_CHECK_SECONDS; asked more
+    often, it says no change."""
 
     def __init__(self, paths: list[str]):
         self._paths = paths
         self._current = _stamps(paths)
+        self._looked = time.monotonic()
 
     def changed(self) -> bool:
+        now = time.monotonic()
+        if now - self._looked < RELOAD_CHECK_SECONDS:
+            return False
+        self._looked = now
         stamp = _stamps(self._paths)
         if stamp == self._current:
             return False
@@ -82,15 +89,13 @@ class Settled:
 
 class _WatchedFile:
     """A file's content, re-read once its (inode, size, mtime) has changed
-    and settled (Settled); checked at most once a second. `parse` turns
-    bytes into the value; a file that fails to read or parse keeps the
-    previous value, with an error logged."""
+    and settled (Settled). `parse` turns bytes into the value; a file that
+    fails to read or parse keeps the previous value, with an error logged."""
 
     def __init__(self, path: str, parse: Callable[[bytes], object]):
         self.path = path
         self._parse = parse
         self._lock = threading.Lock()
-        self._checked = time.monotonic()
         self._settled = Settled([path])
         try:
             self.value = parse(Path(path).read_bytes())
@@ -98,11 +103,7 @@ class _WatchedFile:
             raise SecurityConfigError(f"cannot read {path}: {e.strerror}") from None
 
     def current(self) -> object:
-        now = time.monotonic()
-        if now - self._checked < RELOAD_CHECK_SECONDS:
-            return self.value
         with self._lock:
-            self._checked = now
             if not self._settled.changed():
                 return self.value
             try:
@@ -222,14 +223,9 @@ class TlsFiles:
         if not self.cert:
             raise SecurityConfigError("serving TLS needs --tls-cert and --tls-key")
         settled = Settled([p for p in (self.cert, self.key, self.ca) if p])
-        checked = [time.monotonic()]
 
         def fetch():
             # grpc calls this before every handshake; None keeps the current config.
-            now = time.monotonic()
-            if now - checked[0] < RELOAD_CHECK_SECONDS:
-                return None
-            checked[0] = now
             if not settled.changed():
                 return None
             try:
@@ -365,6 +361,11 @@ def peer_names(context) -> set[str]:
     return names
 
 
+def authorization_metadata(header: str | None) -> tuple[tuple[str, str], ...]:
+    """An HTTP Authorization header as the gRPC metadata `judge` reads."""
+    return ((AUTHORIZATION_KEY, header),) if header is not None else ()
+
+
 @dataclass
 class Verdict:
     code: grpc.StatusCode
@@ -398,6 +399,15 @@ def judge(security: ServerSecurity, metadata, names: set[str]) -> Verdict | None
     return Verdict(grpc.StatusCode.UNAUTHENTICATED, "missing", "a client certificate is required")
 
 
+def refuse(security: ServerSecurity, metadata, names: set[str], service: str, method: str):
+    """`judge`, with a refusal counted in REJECTED: what every front door
+    (the gRPC ports, the HTTP API, the MCP port) asks of a caller."""
+    verdict = judge(security, metadata, names)
+    if verdict is not None:
+        REJECTED.labels(service, method, verdict.code.name, verdict.reason).inc()
+    return verdict
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses a call before its handler runs unless its credentials pass
     `judge`. Health is open. It wraps the handler because the peer's
@@ -426,9 +436,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def check(context) -> None:
             if local and context.peer().startswith("unix:"):
                 return  # the HTTP front door (see local_secret)
-            verdict = judge(security, metadata, peer_names(context))
+            verdict = refuse(security, metadata, peer_names(context), service, name)
             if verdict is not None:
-                REJECTED.labels(service, name, verdict.code.name, verdict.reason).inc()
                 log.warning("call refused", method=method, reason=verdict.reason)
                 await context.abort(verdict.code, verdict.message)
 

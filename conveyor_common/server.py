@@ -87,8 +87,8 @@ def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
 
 class HealthState:
     def __init__(self, servicer, service_names: list[str]):
-        self._servicer = servicer
-        self._names = service_names
+        self.servicer = servicer
+        self.names = service_names
 
     async def set(self, serving: bool) -> None:
         status = (
@@ -96,8 +96,8 @@ class HealthState:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ["", *self._names]:
-            await self._servicer.set(name, status)
+        for name in ["", *self.names]:
+            await self.servicer.set(name, status)
 
 
 @dataclass
@@ -160,14 +160,14 @@ def bind(
 
 def _service_of(server: grpc.aio.Server) -> str:
     ext = _extras.get(server)
-    return ",".join(ext.health._names) if ext is not None else ""
+    return ",".join(ext.health.names) if ext is not None else ""
 
 
 async def serve_health(server: grpc.aio.Server, host: str, port: int) -> int:
     """Serves `server`'s health service alone, in plaintext, on host:port:
     for probes that cannot present TLS or tokens. Stops with `server`."""
     probe = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(_extras[server].health._servicer, probe)
+    health_pb2_grpc.add_HealthServicer_to_server(_extras[server].health.servicer, probe)
     bound = probe.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind the health port {host}:{port}")

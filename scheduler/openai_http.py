@@ -33,13 +33,12 @@ from conveyor.v1 import common_pb2, conveyor_pb2, conveyor_pb2_grpc
 from google.protobuf import json_format
 
 from conveyor_common.security import (
-    AUTHORIZATION_KEY,
-    REJECTED,
     RELOAD_CHECK_SECONDS,
     ServerSecurity,
     Settled,
     TlsFiles,
-    judge,
+    authorization_metadata,
+    refuse,
 )
 
 log = structlog.get_logger("openai_http")
@@ -562,15 +561,13 @@ def authenticate(security: ServerSecurity):
     async def middleware(request: web.Request, handler):
         if request.path in OPEN_PATHS:
             return await handler(request)
-        header = request.headers.get("Authorization")
-        metadata = ((AUTHORIZATION_KEY, header),) if header is not None else ()
-        verdict = judge(security, metadata, _peer_names(request))
-        if verdict is None:
-            return await handler(request)
         # The route, not the raw path: a label per path anyone can send is unbounded.
         route = request.match_info.route.resource
         path = route.canonical if route is not None else "unmatched"
-        REJECTED.labels("http", path, verdict.code.name, verdict.reason).inc()
+        metadata = authorization_metadata(request.headers.get("Authorization"))
+        verdict = refuse(security, metadata, _peer_names(request), "http", path)
+        if verdict is None:
+            return await handler(request)
         if verdict.code == grpc.StatusCode.PERMISSION_DENIED:
             return ApiError(verdict.message, status=403, kind="permission_error").response()
         response = ApiError(

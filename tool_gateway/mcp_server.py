@@ -31,10 +31,10 @@ import structlog
 
 from conveyor_common.security import (
     AUTHORIZATION_KEY,
-    REJECTED,
     SecurityConfigError,
     ServerSecurity,
-    judge,
+    authorization_metadata,
+    refuse,
 )
 from scheduler.parsers import ParseFailure, arguments_parser_for, check_unit
 from tool_gateway.executor import StreamExecutor
@@ -243,19 +243,18 @@ class GatewayMcpServer:
         )
         if not self._security.tokens:
             return app
-        security = self._security
+        # Certificates were checked in the handshake (with --tls-ca); names
+        # cannot be read here, so only the tokens judge.
+        tokens_only = ServerSecurity(tokens=self._security.tokens)
 
         async def guarded(scope, receive, send):
             if scope["type"] not in ("http", "lifespan"):
                 return  # no websockets here: the connection is closed unanswered
             if scope["type"] == "http":
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-                header = headers.get(AUTHORIZATION_KEY)
-                metadata = ((AUTHORIZATION_KEY, header),) if header is not None else ()
-                # Certificates were checked in the handshake (with --tls-ca); names cannot be.
-                verdict = judge(ServerSecurity(tokens=security.tokens), metadata, set())
+                metadata = authorization_metadata(headers.get(AUTHORIZATION_KEY))
+                verdict = refuse(tokens_only, metadata, set(), "mcp", MCP_PATH)
                 if verdict is not None:
-                    REJECTED.labels("mcp", MCP_PATH, verdict.code.name, verdict.reason).inc()
                     body = json.dumps({"error": verdict.message}).encode()
                     await send(
                         {

@@ -124,23 +124,24 @@ async def mcp_tools(path: str | Path) -> tuple[list[Tool], list[McpConnection]]:
     here stops the gateway, as any tool that cannot be loaded does."""
     tools: list[Tool] = []
     connections = []
-    for config in mcp_server_configs(path):
-        connection = McpConnection(config)
-        connections.append(connection)
-        try:
-            config.check_environment()
-            listed = await connection.list_tools()
-        except McpError as e:
-            for c in connections:
-                await c.close()
-            raise PluginError(f"tools file {path}: {e}") from e
-        for info in listed:
+    try:
+        for config in mcp_server_configs(path):
+            connection = McpConnection(config)
+            connections.append(connection)
             try:
-                tools.append(_mcp_tool(config, connection, info))
-            except Exception as e:  # a bad override or handler: named, at start
-                for c in connections:
-                    await c.close()
-                raise PluginError(f"tools file {path}, MCP tool {info.name!r}: {e}") from e
+                config.check_environment()
+                listed = await connection.list_tools()
+            except McpError as e:
+                raise PluginError(f"tools file {path}: {e}") from e
+            for info in listed:
+                try:
+                    tools.append(_mcp_tool(config, connection, info))
+                except Exception as e:  # a bad override or handler: named, at start
+                    raise PluginError(f"tools file {path}, MCP tool {info.name!r}: {e}") from e
+    except BaseException:
+        for connection in connections:  # the servers started so far
+            await connection.close()
+        raise
     return tools, connections
 
 
