@@ -9,6 +9,7 @@ import torch
 
 from llm_worker.config import WorkerConfig
 from llm_worker.model_cache import resolve
+from llm_worker.packed_linear import pack_linears
 
 log = structlog.get_logger("loader")
 
@@ -68,6 +69,7 @@ def load(config: WorkerConfig):
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device)
+        pack_linears(model)  # bf16 on CPU only; a no-op elsewhere
     log.info(
         "model loaded",
         model=source.label,
