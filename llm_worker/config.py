@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
+        "--pack-linears",
+        default="auto",
+        choices=["auto", "off"],
+        help="auto: pack bf16 linear weights for oneDNN on CPUs with native bf16",
+    )
+    p.add_argument(
         "--cache-dir", default="", help="model conversion cache (default ~/.cache/conveyor)"
     )
     p.add_argument("--max-new-tokens", type=int, default=512, help="default per request")
@@ -123,6 +129,7 @@ class WorkerConfig:
     model: str = ""
     device: str = "auto"
     dtype: str = "auto"
+    pack_linears: str = "auto"  # auto | off (llm_worker/packed_linear.py)
     cache_dir: str = ""
     max_new_tokens: int = 512
     max_queue: int = 64
@@ -161,6 +168,7 @@ class WorkerConfig:
             model=ns.model,
             device=ns.device,
             dtype=ns.dtype,
+            pack_linears=ns.pack_linears,
             cache_dir=ns.cache_dir,
             max_new_tokens=ns.max_new_tokens,
             max_queue=ns.max_queue,

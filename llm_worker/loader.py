@@ -69,7 +69,8 @@ def load(config: WorkerConfig):
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device)
-        pack_linears(model)  # bf16 on CPU only; a no-op elsewhere
+        if config.pack_linears == "auto":
+            pack_linears(model)  # bf16 on CPU only; a no-op elsewhere
     log.info(
         "model loaded",
         model=source.label,

