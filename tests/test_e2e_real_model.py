@@ -106,8 +106,14 @@ async def test_make_runs_demo_runs_units_while_the_model_decodes(demo_stack):
     dispatched = [e.unit_dispatched for e in events if e.WhichOneof("event") == "unit_dispatched"]
     assert sum(u.during_decode for u in dispatched) >= 2, dispatched
     finished = events[-1].run_finished
-    # The second round answers (in bfloat16 it states the printed result and
-    # stops; in float32 this 135M model may ramble to the token limit), but
-    # it does not write the program again, which ended the run MAX_ROUNDS.
-    assert finished.finish_reason != common_pb2.FINISH_REASON_MAX_ROUNDS, finished.message
+    # The tool round's results reach a second round. What this 135M model
+    # writes there depends on the CPU's kernels: in float32 and in bfloat16 on
+    # AMX it answered; on an AVX512-BF16 Xeon without AMX it wrote the program
+    # again (MAX_ROUNDS), with packed linears and without. Any clean end passes.
+    assert finished.timing.rounds == 2, finished
+    assert finished.finish_reason in (
+        common_pb2.FINISH_REASON_STOP,
+        common_pb2.FINISH_REASON_LENGTH,
+        common_pb2.FINISH_REASON_MAX_ROUNDS,
+    ), finished.message
     assert finished.timing.rounds == 2 and finished.final_text.strip()
