@@ -150,6 +150,8 @@ class WorkerConfig:
             )
         if self.engine == "openai" and not self.engine_url:
             raise ValueError("--engine openai needs --engine-url (the server's base URL)")
+        if self.pack_linears not in ("auto", "off"):
+            raise ValueError(f"--pack-linears must be auto or off, not {self.pack_linears!r}")
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be 0 (off) or more, not {self.prefill_chunk}")
         for name in ("engine_connect_timeout", "engine_read_timeout"):

@@ -36,30 +36,44 @@ class PackedLinear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def can_pack(model: torch.nn.Module) -> bool:
-    """bfloat16 weights on a CPU that computes bf16 natively, with oneDNN."""
-    from llm_worker.loader import cpu_has_native_bf16
+def _cpu_packs() -> bool:
+    """This CPU computes bf16 natively, and torch has oneDNN's packed linear."""
+    from llm_worker.loader import cpu_has_native_bf16  # loader imports this module
 
-    param = next(model.parameters())
     return (
-        param.device.type == "cpu"
-        and param.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
+        torch.backends.mkldnn.is_available()
         and cpu_has_native_bf16()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
+def _packable(module: torch.nn.Module) -> bool:
+    """A plain `nn.Linear` with a bf16 weight on CPU (each layer is checked:
+    a model may keep some layers in float32)."""
+    return (
+        type(module) is torch.nn.Linear
+        and module.weight.dtype == torch.bfloat16
+        and module.weight.device.type == "cpu"
+    )
+
+
+def can_pack(model: torch.nn.Module) -> bool:
+    """Whether `pack_linears` would pack any of this model's linears."""
+    return _cpu_packs() and any(_packable(m) for m in model.modules())
+
+
 def pack_linears(model: torch.nn.Module) -> int:
-    """Replaces every bf16 `nn.Linear` of a CPU model with a PackedLinear, in
-    place; returns how many (0 where `can_pack` says no)."""
-    if not can_pack(model):
+    """Replaces every bf16 CPU `nn.Linear` of the model with a PackedLinear,
+    in place; returns how many (0 where this CPU does not pack)."""
+    if not _cpu_packs():
         return 0
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear:
+            if _packable(child):
                 setattr(module, name, PackedLinear(child))
                 count += 1
-    log.info("bf16 linears packed for oneDNN", linears=count)
+    if count:
+        log.info("bf16 linears packed for oneDNN", linears=count)
     return count

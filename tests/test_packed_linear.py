@@ -68,3 +68,21 @@ def test_float32_and_half_precision_off_native_cpus_are_left_alone():
     assert not can_pack(model)  # float32: packing measured slower
     assert pack_linears(model) == 0
     assert type(model[0]) is torch.nn.Linear
+
+
+@native
+def test_only_the_bf16_layers_of_a_mixed_model_are_packed():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8).to(torch.bfloat16),
+        torch.nn.Linear(8, 8),  # float32 head
+    )
+    assert can_pack(model)
+    assert pack_linears(model) == 1
+    assert isinstance(model[0], PackedLinear) and type(model[1]) is torch.nn.Linear
+
+
+def test_pack_linears_flag_values_are_checked():
+    from llm_worker.config import WorkerConfig
+
+    with pytest.raises(ValueError, match="--pack-linears"):
+        WorkerConfig(pack_linears="on")
