@@ -11,6 +11,8 @@ from conveyor_common.flags import add_server_flags
 from conveyor_common.security import ServerSecurity, server_security_from_args
 from llm_worker.tool_format import TOOL_FORMATS, check_tool_format
 
+PACK_MODES = ("auto", "on", "off")  # --pack-linears; what each does: llm_worker/packed_linear.py
+
 # The engines a worker can front (llm_worker/engines/).
 ENGINES = ("hf", "vllm", "openai")
 # Prompt tokens per prefill between decode steps (--prefill-chunk).
@@ -62,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pack-linears",
         default="auto",
-        choices=["auto", "off"],
-        help="auto: pack bf16 linear weights for oneDNN on CPUs with native bf16",
+        choices=list(PACK_MODES),
+        help="auto: pack linear weights for oneDNN where it pays (bf16 on CPUs with native "
+        "bf16; float32 where a probe at the first start measures it faster); on: always; off",
     )
     p.add_argument(
         "--cache-dir", default="", help="model conversion cache (default ~/.cache/conveyor)"
@@ -129,7 +132,7 @@ class WorkerConfig:
     model: str = ""
     device: str = "auto"
     dtype: str = "auto"
-    pack_linears: str = "auto"  # auto | off (llm_worker/packed_linear.py)
+    pack_linears: str = "auto"  # auto | on | off (llm_worker/packed_linear.py)
     cache_dir: str = ""
     max_new_tokens: int = 512
     max_queue: int = 64
@@ -150,8 +153,10 @@ class WorkerConfig:
             )
         if self.engine == "openai" and not self.engine_url:
             raise ValueError("--engine openai needs --engine-url (the server's base URL)")
-        if self.pack_linears not in ("auto", "off"):
-            raise ValueError(f"--pack-linears must be auto or off, not {self.pack_linears!r}")
+        if self.pack_linears not in PACK_MODES:
+            raise ValueError(
+                f"--pack-linears must be one of {', '.join(PACK_MODES)}, not {self.pack_linears!r}"
+            )
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be 0 (off) or more, not {self.prefill_chunk}")
         for name in ("engine_connect_timeout", "engine_read_timeout"):

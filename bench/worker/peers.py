@@ -188,6 +188,8 @@ async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dic
     say(f"memory bandwidth {bandwidth:.1f} GB/s; {params / 1e6:.1f} M weights")
     texts = prompts(max(streams))
     peers = [Peer("hf float32", "hf", "float32")]
+    # Without packed linears: what --pack-linears auto's probe chose buys (or the same row).
+    peers.append(Peer("hf float32 unpacked", "hf", "float32", ("--pack-linears", "off")))
     if cpu_has_native_bf16():
         peers.append(Peer("hf bfloat16", "hf", "bfloat16"))
         # The same without packed linears, to show what packing buys.
