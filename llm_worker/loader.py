@@ -8,7 +8,7 @@ import structlog
 import torch
 
 from llm_worker.config import WorkerConfig
-from llm_worker.linear_probe import packing_pays
+from llm_worker.linear_probe import verdicts
 from llm_worker.model_cache import resolve
 from llm_worker.packed_linear import pack_linears
 
@@ -71,11 +71,8 @@ def load(config: WorkerConfig):
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device)
         # CPU only; float32 is measured once on this machine (linear_probe.py).
-        pack_linears(
-            model,
-            config.pack_linears,
-            decide=lambda toggle: packing_pays(model, toggle, config.cache_dir),
-        )
+        with verdicts(config.cache_dir) as probe:
+            pack_linears(model, config.pack_linears, probe)
     log.info(
         "model loaded",
         model=source.label,

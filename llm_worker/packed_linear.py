@@ -11,16 +11,18 @@ depends on the CPU, so `--pack-linears auto` decides per dtype:
 - float32: packed only where a probe on the model itself measures it faster
   (`linear_probe.py`): ×1.1–1.2 at 1 row and ×1.4–1.7 at 4–16 rows on a
   2-core AMD EPYC (Zen 3, AVX2), where MKL's sgemv streams weights at ~7 GB/s
-  of a measured ~19; it measured slower on a Xeon.
+  of a measured ~19; on a Xeon it measured slower (with a batch hint of 1).
 
 `on` packs both dtypes unconditionally, `off` leaves every linear alone.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import structlog
 import torch
@@ -35,7 +37,16 @@ log = structlog.get_logger("loader")
 BATCH_HINT = {torch.bfloat16: 1, torch.float32: 16}
 
 Toggle = Callable[[bool], None]  # True: the packed linears are in the model
-Decide = Callable[[Toggle], bool]  # measures both ways; True keeps them packed
+
+
+class Probe(Protocol):
+    """Judges float32 packing for `auto` (`linear_probe.Verdicts`)."""
+
+    def known(self, model: torch.nn.Module) -> bool | None:
+        """A verdict already reached for this model (plain), or None."""
+
+    def decide(self, model: torch.nn.Module, toggle: Toggle) -> bool:
+        """Measures both ways through `toggle`; True keeps them packed."""
 
 
 class PackedLinear(torch.nn.Module):
@@ -100,30 +111,57 @@ def _dtypes(mode: str) -> set[torch.dtype]:
 
 
 def can_pack(model: torch.nn.Module, mode: str = "auto") -> bool:
-    """Whether `pack_linears` would consider any of this model's linears."""
+    """Whether `pack_linears` would consider any of this model's linears (in
+    `auto`, float32 ones are then packed only on the probe's verdict)."""
     dtypes = _dtypes(mode)
     return bool(dtypes) and any(_packable(m, dtypes) for m in model.modules())
 
 
 def _available_memory() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on this platform: assume plenty
-        return 1 << 62
+    """Bytes this process may still allocate: the kernel's MemAvailable, and
+    no more than its cgroup's limit leaves (a container's limit, not the host's)."""
+    available = 1 << 62  # unknown: no limit we can see
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    return available
 
 
-def pack_linears(model: torch.nn.Module, mode: str = "auto", decide: Decide | None = None) -> int:
+def _room_to_probe(model: torch.nn.Module) -> bool:
+    """Probing holds a packed copy of every float32 weight beside the plain one."""
+    need = sum(m.weight.nbytes for m in model.modules() if _packable(m, {torch.float32}))
+    room = _available_memory()
+    if need * 1.25 > room:
+        log.info(
+            "float32 linears left plain: no room to probe packing",
+            need_mib=need >> 20,
+            available_mib=max(room, 0) >> 20,
+        )
+        return False
+    return True
+
+
+def pack_linears(model: torch.nn.Module, mode: str = "auto", probe: Probe | None = None) -> int:
     """Replaces the model's CPU linears with PackedLinears where `mode` says
     (see the module's docstring), in place; returns how many. In `auto`,
-    float32 linears are packed only when `decide` (given a toggle between
-    the two) says it pays; without one they stay plain."""
+    float32 linears are packed only on `probe`'s verdict (a stored one, or
+    one it measures); without a probe, or when probing fails, they stay plain."""
     if mode not in PACK_MODES:
         raise ValueError(f"pack mode must be one of {', '.join(PACK_MODES)}, not {mode!r}")
     dtypes = _dtypes(mode)
+    measure = False
     if mode == "auto" and torch.float32 in dtypes:
-        f32_bytes = sum(m.weight.nbytes for m in model.modules() if _packable(m, {torch.float32}))
-        # Deciding holds both copies at once; a model that would not fit twice stays plain.
-        if decide is None or 2 * f32_bytes > _available_memory():
+        verdict = probe.known(model) if probe is not None else False
+        if verdict is None:
+            verdict = None if _room_to_probe(model) else False
+        measure = verdict is None
+        if verdict is False:
             dtypes.discard(torch.float32)
     swaps = [
         _Swap(parent, name, child, PackedLinear(child, BATCH_HINT[child.weight.dtype]))
@@ -133,15 +171,19 @@ def pack_linears(model: torch.nn.Module, mode: str = "auto", decide: Decide | No
     ]
     for swap in swaps:
         swap.use(True)
-    probed = [s for s in swaps if s.plain.weight.dtype == torch.float32]
-    if mode == "auto" and probed:
+    probed = [s for s in swaps if s.plain.weight.dtype == torch.float32] if measure else []
+    if probed:
 
         def toggle(packed: bool) -> None:
             for swap in probed:
                 swap.use(packed)
 
-        assert decide is not None  # float32 is only left in dtypes with a decider
-        keep = decide(toggle)
+        assert probe is not None  # measure is only set with a probe
+        try:
+            keep = bool(probe.decide(model, toggle))
+        except Exception as e:  # an optional speed-up: never a failed start
+            log.warning("float32 packing probe failed; float32 linears stay plain", error=repr(e))
+            keep = False
         toggle(keep)
         if not keep:
             swaps = [s for s in swaps if s not in probed]

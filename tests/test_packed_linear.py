@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from llm_worker import linear_probe, packed_linear
 from llm_worker.loader import cpu_has_native_bf16
 from llm_worker.packed_linear import PackedLinear, can_pack, pack_linears
 
@@ -66,36 +67,73 @@ def test_packed_linear_matches_linear_with_bias_and_any_leading_shape():
 
 
 onednn = pytest.mark.skipif(
-    not torch.backends.mkldnn.is_available(), reason="packing needs torch's oneDNN"
+    not packed_linear._ops_available(), reason="packing needs torch's oneDNN linear ops"
 )
 
 
-def test_float32_is_packed_only_when_the_decider_says_so():
+class FixedProbe:
+    """A Probe with a given stored verdict (None: none yet) whose measurement
+    says pack, or fails; records the module it saw at each toggle."""
+
+    def __init__(self, stored: bool | None, fails: bool = False):
+        self.stored, self.fails = stored, fails
+        self.seen: list[type] = []
+
+    def known(self, model):
+        return self.stored
+
+    def decide(self, model, toggle):
+        for packed in (False, True, False):
+            toggle(packed)
+            self.seen.append(type(model[0]))
+        if self.fails:
+            raise RuntimeError("probe broke")
+        return True
+
+
+def test_float32_is_packed_only_on_a_probes_verdict():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    assert pack_linears(model) == 0  # auto with no decider: float32 stays plain
+    assert pack_linears(model) == 0  # auto with no probe: float32 stays plain
     assert pack_linears(model, "off") == 0
     assert type(model[0]) is torch.nn.Linear
 
 
 @onednn
-@pytest.mark.parametrize("verdict", [True, False])
-def test_the_decider_times_both_ways_and_its_verdict_stands(verdict):
+def test_the_probe_toggles_both_ways_and_its_verdict_stands():
     plain = torch.nn.Linear(8, 8)
     model = torch.nn.Sequential(plain)
-    seen = []
+    probe = FixedProbe(None)
+    assert pack_linears(model, "auto", probe) == 1
+    assert probe.seen == [torch.nn.Linear, PackedLinear, torch.nn.Linear]
+    assert isinstance(model[0], PackedLinear)
 
-    def decide(toggle):
-        for packed in (False, True, False):
-            toggle(packed)
-            seen.append(type(model[0]))
-        return verdict
 
-    assert pack_linears(model, "auto", decide) == (1 if verdict else 0)
-    assert seen == [torch.nn.Linear, PackedLinear, torch.nn.Linear]
-    if verdict:
-        assert isinstance(model[0], PackedLinear)
-    else:
-        assert model[0] is plain  # the very module, weights untouched
+@onednn
+@pytest.mark.parametrize("stored", [True, False])
+def test_a_stored_verdict_is_taken_without_measuring(stored):
+    plain = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(plain)
+    probe = FixedProbe(stored)
+    assert pack_linears(model, "auto", probe) == (1 if stored else 0)
+    assert probe.seen == []
+    assert isinstance(model[0], PackedLinear) if stored else model[0] is plain
+
+
+@onednn
+def test_a_failing_probe_leaves_float32_plain_and_the_load_goes_on():
+    plain = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(plain)
+    assert pack_linears(model, "auto", FixedProbe(None, fails=True)) == 0
+    assert model[0] is plain  # the very module, weights untouched
+
+
+@onednn
+def test_no_room_for_a_second_copy_means_no_probe(monkeypatch):
+    monkeypatch.setattr(packed_linear, "_available_memory", lambda: 100)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    probe = FixedProbe(None)
+    assert pack_linears(model, "auto", probe) == 0
+    assert probe.seen == [] and type(model[0]) is torch.nn.Linear
 
 
 @onednn
@@ -116,13 +154,13 @@ def test_float32_packed_model_decodes_the_same_tokens():
     assert torch.allclose(got_logits, want_logits, atol=1e-3, rtol=1e-3)
 
 
-def _tiny_llama():
+def _tiny_llama(hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -131,42 +169,60 @@ def _tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-@onednn
-def test_the_probe_measures_once_and_reuses_its_stored_verdict(tmp_path):
-    from llm_worker import linear_probe
+class Counting:
+    """The real verdicts, recording whether a measurement toggled."""
 
-    model = _tiny_llama()
-    measured = []
+    def __init__(self, verdicts):
+        self.verdicts, self.toggled = verdicts, []
 
-    def decide(toggle):
+    def known(self, model):
+        return self.verdicts.known(model)
+
+    def decide(self, model, toggle):
         def counting(packed):
-            measured.append(packed)
+            self.toggled.append(packed)
             toggle(packed)
 
-        return linear_probe.packing_pays(model, counting, str(tmp_path))
+        return self.verdicts.decide(model, counting)
 
-    first = pack_linears(model, "auto", decide)
-    stored = json.loads((tmp_path / linear_probe.VERDICTS).read_text())
-    (verdict,) = stored.values()
-    assert set(verdict["speedup"]) == {str(r) for r in linear_probe.PROBE_ROWS}
-    assert all(s > 0 for s in verdict["speedup"].values())
-    assert True in measured  # it timed the packed way
-    assert (first > 0) is verdict["pack"]
 
-    model, measured[:] = _tiny_llama(), []
-    assert pack_linears(model, "auto", decide) == first
-    assert True not in measured  # the stored verdict, not a new measurement
+def _stored(tmp_path) -> dict:
+    return json.loads((tmp_path / linear_probe.VERDICTS).read_text())
 
 
 @onednn
-def test_an_unreadable_verdict_file_is_measured_again(tmp_path):
-    from llm_worker import linear_probe
+def test_the_probe_measures_once_per_shape_and_reuses_its_stored_verdict(tmp_path):
+    with linear_probe.verdicts(str(tmp_path)) as verdicts:
+        probe = Counting(verdicts)
+        first = pack_linears(_tiny_llama(), "auto", probe)
+        (verdict,) = _stored(tmp_path).values()
+        assert set(verdict["speedup"]) == {str(r) for r in linear_probe.PROBE_ROWS}
+        assert all(s > 0 for s in verdict["speedup"].values())
+        assert True in probe.toggled  # it timed the packed way
+        assert (first > 0) is verdict["pack"]
 
-    (tmp_path / linear_probe.VERDICTS).write_text("{not json")
+        probe = Counting(verdicts)
+        assert pack_linears(_tiny_llama(), "auto", probe) == first
+        assert probe.toggled == []  # the stored verdict, not a new measurement
+
+        # Other shapes: a verdict of their own, keyed off the plain linears.
+        other = _tiny_llama(hidden=32)
+        key = linear_probe.verdict_key(other)
+        pack_linears(other, "auto", Counting(verdicts))
+        assert key in _stored(tmp_path) and len(_stored(tmp_path)) == 2
+
+
+@onednn
+@pytest.mark.parametrize("content", ["{not json", "[" * 100_000, '{"KEY": {"pack": "yes"}}'])
+def test_a_malformed_verdict_file_is_measured_again(tmp_path, content):
     model = _tiny_llama()
-    pack_linears(model, "auto", lambda t: linear_probe.packing_pays(model, t, str(tmp_path)))
-    stored = json.loads((tmp_path / linear_probe.VERDICTS).read_text())
-    assert len(stored) == 1
+    key = linear_probe.verdict_key(model)
+    (tmp_path / linear_probe.VERDICTS).write_text(content.replace("KEY", key))
+    with linear_probe.verdicts(str(tmp_path)) as verdicts:
+        probe = Counting(verdicts)
+        pack_linears(model, "auto", probe)
+    assert True in probe.toggled
+    assert isinstance(_stored(tmp_path)[key]["pack"], bool)
 
 
 @native

@@ -188,7 +188,8 @@ async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dic
     say(f"memory bandwidth {bandwidth:.1f} GB/s; {params / 1e6:.1f} M weights")
     texts = prompts(max(streams))
     peers = [Peer("hf float32", "hf", "float32")]
-    # Without packed linears: what --pack-linears auto's probe chose buys (or the same row).
+    # The hf float32 row over this one is what packing buys here (equal where
+    # --pack-linears auto's probe kept float32 plain).
     peers.append(Peer("hf float32 unpacked", "hf", "float32", ("--pack-linears", "off")))
     if cpu_has_native_bf16():
         peers.append(Peer("hf bfloat16", "hf", "bfloat16"))
