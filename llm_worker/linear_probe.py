@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -46,6 +47,17 @@ VERDICTS = "linear-packing.json"
 MAX_FILE_BYTES = 1 << 20  # a verdict file larger than this is not ours
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change
+    it for every thread for a moment)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+@functools.cache  # the CPU does not change while the process runs
 def _cpu_identity() -> str:
     """The CPU's model name and feature flags (what the kernels dispatch on)."""
     try:
@@ -90,9 +102,8 @@ def _write(path: Path, verdicts: dict) -> None:
     """Atomically: a reader sees the old file or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".linear-packing-")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o644 & ~umask)  # readable by the cache's other users, as the models are
+        # mkstemp makes it 0600; readable by the cache's other users, as the models are.
+        os.fchmod(fd, 0o644 & ~_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(verdicts, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
@@ -130,14 +141,28 @@ def measure(model: torch.nn.Module, toggle: Toggle) -> dict[int, float]:
 
 
 class Verdicts:
-    """The stored verdicts of one cache directory, held under its lock (see
-    `verdicts`); a `packed_linear.Probe`."""
+    """The stored verdicts of one cache directory; a `packed_linear.Probe`.
+    The first use takes the directory's lock, held until `verdicts` exits,
+    so a start that never asks (off, on, bf16 only, a GPU) never touches it."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, stack: contextlib.ExitStack):
+        self.path, self._stack, self._locked = path, stack, False
+
+    def _lock(self) -> None:
+        if self._locked:
+            return
+        self._locked = True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = self._stack.enter_context(open(self.path.parent / f".{VERDICTS}.lock", "w"))
+        except OSError as e:  # a cache that cannot be written: measured each start, unlocked
+            log.warning("packing verdicts not locked", file=str(self.path), error=str(e))
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
 
     def known(self, model: torch.nn.Module) -> bool | None:
         """The stored verdict for this model here, or None to measure."""
+        self._lock()
         stored = _read(self.path).get(verdict_key(model))
         if isinstance(stored, dict) and isinstance(stored.get("pack"), bool):
             log.info("float32 packing verdict reused", pack=stored["pack"], file=str(self.path))
@@ -147,6 +172,7 @@ class Verdicts:
     def decide(self, model: torch.nn.Module, toggle: Toggle) -> bool:
         """Measures both ways and stores the verdict. The key is read with
         the model plain, as `known` reads it."""
+        self._lock()
         toggle(False)
         key = verdict_key(model)
         start = time.perf_counter()
@@ -171,17 +197,7 @@ class Verdicts:
 
 @contextlib.contextmanager
 def verdicts(cache_dir: str = "") -> Iterator[Verdicts]:
-    """The cache's verdicts, locked for the whole decision (replicas on one
-    cache wait and reuse the first one's measurement). A cache that cannot
-    be written still works: unlocked, measured each start."""
-    path = cache_root(cache_dir) / VERDICTS
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.parent / f".{VERDICTS}.lock", "w")  # noqa: SIM115 (held across the yield)
-    except OSError as e:
-        log.warning("packing verdicts not locked", file=str(path), error=str(e))
-        yield Verdicts(path)
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield Verdicts(path)
+    """The cache's verdicts, locked from their first use to the end of the
+    block (replicas on one cache wait and reuse the first one's measurement)."""
+    with contextlib.ExitStack() as stack:
+        yield Verdicts(cache_root(cache_dir) / VERDICTS, stack)

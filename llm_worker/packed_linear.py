@@ -158,10 +158,8 @@ def pack_linears(model: torch.nn.Module, mode: str = "auto", probe: Probe | None
     measure = False
     if mode == "auto" and torch.float32 in dtypes:
         verdict = probe.known(model) if probe is not None else False
-        if verdict is None:
-            verdict = None if _room_to_probe(model) else False
-        measure = verdict is None
-        if verdict is False:
+        measure = verdict is None and _room_to_probe(model)
+        if not (verdict or measure):
             dtypes.discard(torch.float32)
     swaps = [
         _Swap(parent, name, child, PackedLinear(child, BATCH_HINT[child.weight.dtype]))

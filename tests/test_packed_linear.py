@@ -241,3 +241,11 @@ def test_pack_linears_flag_values_are_checked():
 
     with pytest.raises(ValueError, match="--pack-linears"):
         WorkerConfig(pack_linears="fast")
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_a_start_that_needs_no_verdict_never_touches_the_cache(tmp_path, mode):
+    cache = tmp_path / "cache"
+    with linear_probe.verdicts(str(cache)) as verdicts:
+        pack_linears(torch.nn.Sequential(torch.nn.Linear(8, 8)), mode, verdicts)
+    assert not cache.exists()
