@@ -12,6 +12,8 @@ from conveyor_common.security import ServerSecurity, server_security_from_args
 from llm_worker.tool_format import TOOL_FORMATS, check_tool_format
 
 PACK_MODES = ("auto", "on", "off")  # --pack-linears; what each does: llm_worker/packed_linear.py
+# --decode-step, the first the default; what each does: llm_worker/decode_step.py
+DECODE_STEPS = ("auto", "transformers")
 
 # The engines a worker can front (llm_worker/engines/).
 ENGINES = ("hf", "vllm", "openai")
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(PACK_MODES),
         help="auto: pack linear weights for oneDNN where it pays (bf16 on CPUs with native "
         "bf16; float32 where a probe at the first start measures it faster); on: always; off",
+    )
+    p.add_argument(
+        "--decode-step",
+        default=DECODE_STEPS[0],
+        choices=list(DECODE_STEPS),
+        help="auto: decode steps of Llama-family models as a lean loop of the same ops "
+        "(bit-identical logits, less per-step overhead); transformers: the model's forward",
     )
     p.add_argument(
         "--cache-dir", default="", help="model conversion cache (default ~/.cache/conveyor)"
@@ -133,6 +142,7 @@ class WorkerConfig:
     device: str = "auto"
     dtype: str = "auto"
     pack_linears: str = "auto"  # auto | on | off (llm_worker/packed_linear.py)
+    decode_step: str = DECODE_STEPS[0]  # llm_worker/decode_step.py
     cache_dir: str = ""
     max_new_tokens: int = 512
     max_queue: int = 64
@@ -157,6 +167,10 @@ class WorkerConfig:
             raise ValueError(
                 f"--pack-linears must be one of {', '.join(PACK_MODES)}, not {self.pack_linears!r}"
             )
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(
+                f"--decode-step must be one of {', '.join(DECODE_STEPS)}, not {self.decode_step!r}"
+            )
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be 0 (off) or more, not {self.prefill_chunk}")
         for name in ("engine_connect_timeout", "engine_read_timeout"):
@@ -176,6 +190,7 @@ class WorkerConfig:
             device=ns.device,
             dtype=ns.dtype,
             pack_linears=ns.pack_linears,
+            decode_step=ns.decode_step,
             cache_dir=ns.cache_dir,
             max_new_tokens=ns.max_new_tokens,
             max_queue=ns.max_queue,

@@ -322,13 +322,7 @@ async def test_prefills_and_decode_steps_run_on_their_own_thread_counts(tiny_mod
         build_hf_engine, WorkerConfig(model=str(tiny_model_dir), threads=1, prefill_threads=3)
     )
     seen: list[tuple[int, int]] = []  # (tokens fed, threads)
-    forward = engine.model.forward
-
-    def spy(*args, **kwargs):
-        seen.append((kwargs["input_ids"].shape[1], torch.get_num_threads()))
-        return forward(*args, **kwargs)
-
-    engine.model.forward = spy
+    _spy_forwards(engine, lambda ids: seen.append((ids.shape[1], torch.get_num_threads())))
     try:
         text, _, _ = await _run(engine, _gen("count threads", forced="one two three"))
         assert text == "one two three"
@@ -365,13 +359,7 @@ async def test_load_warm_up_prefill_and_decode_all_run_on_the_engine_thread(
     monkeypatch.setattr(loader, "load", load)
     monkeypatch.setattr(HfEngine, "warm_up", warm_up)
     engine = await asyncio.to_thread(build_hf_engine, WorkerConfig(model=str(tiny_model_dir)))
-    forward = engine.model.forward
-
-    def spy(*args, **kwargs):
-        threads["forward"].add(threading.get_ident())
-        return forward(*args, **kwargs)
-
-    engine.model.forward = spy
+    _spy_forwards(engine, lambda ids: threads["forward"].add(threading.get_ident()))
     try:
         text, _, _ = await _run(engine, _gen("which thread", forced="this one"))
         assert text == "this one"
@@ -420,16 +408,28 @@ async def f32_engine(tiny_model_dir):
     engine.stop()
 
 
+def _spy_forwards(engine, seen) -> None:
+    """Calls `seen(input_ids)` on every forward pass the engine makes: its
+    prefills through the model, its decode steps through its decode step."""
+    forward, step = engine.model.forward, engine._decode
+
+    def spy_forward(*args, **kwargs):
+        seen(kwargs["input_ids"])
+        return forward(*args, **kwargs)
+
+    def spy_step(tokens, *rest):
+        seen(tokens)
+        return step(tokens, *rest)
+
+    engine.model.forward, engine._decode = spy_forward, spy_step
+
+
 def _forward_shapes(engine, monkeypatch) -> list[tuple[int, int]]:
     """Records the [rows, tokens] of every forward pass the engine makes."""
     shapes: list[tuple[int, int]] = []
-    forward = engine.model.forward
-
-    def spy(*args, **kwargs):
-        shapes.append(tuple(kwargs["input_ids"].shape))
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "forward", spy)
+    monkeypatch.setattr(engine.model, "forward", engine.model.forward)
+    monkeypatch.setattr(engine, "_decode", engine._decode)  # both restored after the test
+    _spy_forwards(engine, lambda ids: shapes.append(tuple(ids.shape)))
     return shapes
 
 
@@ -486,6 +486,34 @@ async def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(f32_engi
     for a, b in zip(pieces, pieces[1:], strict=False):
         assert any(s[1] == 1 for s in shapes[a + 1 : b]), shapes[a : b + 1]
     await _idle(engine)
+
+
+async def test_both_decode_steps_give_the_same_tokens_in_a_padded_batch(tiny_model_dir):
+    """`--decode-step auto` takes the lean loop for this Llama and
+    `transformers` the model's forward; a burst of greedy requests of
+    different lengths (a padded batch) decodes the same tokens on both."""
+    from llm_worker.config import DECODE_STEPS, WorkerConfig
+    from llm_worker.decode_step import LeanDecode, ModelDecode
+    from llm_worker.engines.hf import build_hf_engine
+
+    requests = [
+        _gen(f"Say something about the number {i}. " * (1 + 2 * i), Sampling(max_new_tokens=12))
+        for i in range(3)
+    ]
+    outputs, kinds = [], []
+    for mode in DECODE_STEPS:
+        config = WorkerConfig(
+            model=str(tiny_model_dir), dtype="float32", prefix_cache_tokens=0, decode_step=mode
+        )
+        engine = await asyncio.to_thread(build_hf_engine, config)
+        try:
+            kinds.append(type(engine._decode))
+            results = await asyncio.gather(*(_run(engine, r) for r in requests))
+            outputs.append([ids for _, ids, _ in results])
+        finally:
+            engine.stop()
+    assert kinds == [LeanDecode, ModelDecode]
+    assert outputs[0] == outputs[1] and all(len(ids) == 12 for ids in outputs[0])
 
 
 def test_prefill_chunk_must_not_be_negative():

@@ -93,19 +93,18 @@ async def _first_delta_then_rest(engine, request: GenerationRequest, started: as
 @contextlib.contextmanager
 def patched_forward(engine, before_step):
     """Calls `before_step(input_ids)` ahead of every decode step (one token a
-    row) of `engine`'s model; prefills pass untouched."""
-    forward = engine.model.forward
+    row) of `engine`; prefills pass untouched."""
+    step = engine._decode
 
-    def spy(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] == 1:
-            before_step(kwargs["input_ids"])
-        return forward(*args, **kwargs)
+    def spy(tokens, *rest):
+        before_step(tokens)
+        return step(tokens, *rest)
 
-    engine.model.forward = spy
+    engine._decode = spy
     try:
         yield
     finally:
-        del engine.model.forward  # back to the class's method
+        engine._decode = step
 
 
 def _slow_steps(input_ids) -> None:

@@ -40,7 +40,8 @@ from transformers import DynamicCache
 
 from conveyor_common.types import FinishReason, Message
 from llm_worker import metrics
-from llm_worker.config import PREFILL_CHUNK
+from llm_worker.config import DECODE_STEPS, PREFILL_CHUNK
+from llm_worker.decode_step import DecodeStep, decode_step_for
 from llm_worker.engines.base import (
     Completion,
     Delta,
@@ -137,8 +138,11 @@ class HfEngine:
         prefill_threads: int = 0,
         prefill_chunk: int = PREFILL_CHUNK,
         tool_call_format: str = "",
+        decode_step: str = DECODE_STEPS[0],
     ):
         self.model = model.eval()
+        # Every decode step goes through this (llm_worker/decode_step.py).
+        self._decode: DecodeStep = decode_step_for(self.model, decode_step)
         self.tokenizer = tokenizer
         # With accelerate's device_map the inputs go where the embeddings are.
         self.device = model.get_input_embeddings().weight.device
@@ -520,15 +524,9 @@ class HfEngine:
     def _forward_step(self, kv: KVBatch, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step of every row: feeds `tokens` ([rows, 1]) and returns
         the next-token logits ([rows, vocab])."""
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=kv.step_mask(),
-            position_ids=kv.lengths()[:, None],
-            past_key_values=kv.cache,
-            use_cache=True,
-        )
+        logits = self._decode(tokens, kv.lengths()[:, None], kv.cache, kv.step_mask())
         kv.grew()
-        return out.logits[:, -1]
+        return logits
 
     def _step(self) -> None:
         metrics.BATCH_SIZE.observe(len(self._rows))
@@ -716,6 +714,7 @@ def build_hf_engine(config) -> HfEngine:
                 prefill_threads=config.prefill_threads,
                 prefill_chunk=config.prefill_chunk,
                 tool_call_format=choose_tool_format(tokenizer, config.tool_call_format, label),
+                decode_step=config.decode_step,
             )
             engine.warm_up()
             built["engine"] = engine

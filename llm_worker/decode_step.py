@@ -1,0 +1,201 @@
+"""One decode step of the running batch: one new token per row in, each
+row's next-token logits out. Two implementations behind one signature:
+
+- `ModelDecode`: the transformers forward, `model(input_ids=..., ...)`; any
+  model transformers runs.
+- `LeanDecode`: the same math for Llama-family models as a plain loop of
+  torch ops; `--decode-step auto` (the default) takes it where it applies.
+
+At one token per row transformers' forward pays, besides the matrix math,
+for module calls, keyword plumbing, output records and a mask built per
+step: on a 2-core Xeon, SmolLM2-135M in float32 at a 300-token context, a
+step took ~15 % less time on the lean loop. `LeanDecode` runs the same math
+(the model's own weights and linears, packed or not, its rotary embedding
+and its cache layers) as one loop over the layers, op for op what the
+forward computes: the same RMSNorm, RoPE, SDPA and MLP in the same order and
+dtypes, so its logits are the forward's bit for bit (tests/test_decode_step.py).
+
+Only decode steps take this path; prefills (many tokens, causal masks,
+chunks) stay on the transformers forward, and so does every model whose
+layers `unsupported_reason` does not know to be plain Llama layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from llm_worker.config import DECODE_STEPS
+
+log = structlog.get_logger("engine")
+
+# Model types whose decoder layers are Llama's: pre-norm RMSNorm, rotary
+# q/k, grouped-query SDPA, SiLU-gated MLP (Qwen2 adds q/k/v biases, which
+# the model's own linears apply).
+LEAN_MODEL_TYPES = ("llama", "qwen2")
+
+
+class DecodeStep(Protocol):
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """tokens, position_ids: [rows, 1]; mask: [rows, columns + 1] (1 = a
+        real token) or None when no row is padded. Appends each layer's key
+        and value to `cache` and returns the logits [rows, vocab]."""
+
+
+class ModelDecode:
+    """The transformers forward as a decode step."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, tokens, position_ids, cache, mask) -> torch.Tensor:
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's parts, looked up once."""
+
+    attn_norm: torch.Tensor
+    q: torch.nn.Module
+    k: torch.nn.Module
+    v: torch.nn.Module
+    o: torch.nn.Module
+    mlp_norm: torch.Tensor
+    gate: torch.nn.Module
+    up: torch.nn.Module
+    down: torch.nn.Module
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's arithmetic, op for op (in float32, back to x's dtype)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_pos_emb's arithmetic on one tensor of heads."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def unsupported_reason(model: torch.nn.Module) -> str:
+    """Why this model cannot take the lean path ("" when it can)."""
+    config = model.config
+    if config.model_type not in LEAN_MODEL_TYPES:
+        return f"model type {config.model_type!r}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "use_sliding_window", False) or any(
+        t != "full_attention" for t in (getattr(config, "layer_types", None) or [])
+    ):
+        return "sliding-window layers"
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention {config._attn_implementation!r}"
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if len(devices) != 1:
+        return "weights on several devices"
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "unknown module layout"
+    return ""
+
+
+class LeanDecode:
+    """`ModelDecode`'s logits, bit for bit, from a loop over the layers."""
+
+    def __init__(self, model: torch.nn.Module):
+        inner = model.model
+        config = model.config
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.final_norm = inner.norm.weight
+        self.lm_head = model.lm_head
+        self.eps = float(config.rms_norm_eps)
+        first = inner.layers[0].self_attn
+        self.head_dim = int(first.head_dim)
+        self.groups = int(first.num_key_value_groups)
+        self.scale = float(first.scaling)
+        self.layers = [
+            _Layer(
+                layer.input_layernorm.weight,
+                layer.self_attn.q_proj,
+                layer.self_attn.k_proj,
+                layer.self_attn.v_proj,
+                layer.self_attn.o_proj,
+                layer.post_attention_layernorm.weight,
+                layer.mlp.gate_proj,
+                layer.mlp.up_proj,
+                layer.mlp.down_proj,
+            )
+            for layer in inner.layers
+        ]
+
+    def __call__(self, tokens, position_ids, cache, mask) -> torch.Tensor:
+        rows, d = tokens.shape[0], self.head_dim
+        h = self.embed(tokens)
+        cos, sin = self.rotary(h, position_ids)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # over the heads axis
+        # What transformers' sdpa_mask makes of a padding mask at one query.
+        attn_mask = None if mask is None else mask.bool()[:, None, None, :]
+        for part, kv in zip(self.layers, cache.layers, strict=True):
+            x = _rms_norm(h, part.attn_norm, self.eps)
+            q = _rope(part.q(x).view(rows, 1, -1, d).transpose(1, 2), cos, sin)
+            k = _rope(part.k(x).view(rows, 1, -1, d).transpose(1, 2), cos, sin)
+            v = part.v(x).view(rows, 1, -1, d).transpose(1, 2)
+            keys, values = kv.update(k, v)
+            h = h + part.o(self._attend(q, keys, values, attn_mask).view(rows, 1, -1))
+            x = _rms_norm(h, part.mlp_norm, self.eps)
+            h = h + part.down(F.silu(part.gate(x)) * part.up(x))
+        return self.lm_head(_rms_norm(h, self.final_norm, self.eps))[:, -1]
+
+    def _attend(self, q, keys, values, attn_mask) -> torch.Tensor:
+        """sdpa_attention_forward at one query: GQA in SDPA without a mask;
+        with one, the query heads of each key/value head as its queries
+        (`pack_gqa`). Returns [rows, 1, heads, head_dim]."""
+        rows, heads, _, d = q.shape
+        if self.groups == 1:
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=attn_mask, scale=self.scale
+            )
+        elif attn_mask is None:
+            out = F.scaled_dot_product_attention(q, keys, values, scale=self.scale, enable_gqa=True)
+        else:
+            packed = q.reshape(rows, heads // self.groups, self.groups, d)
+            out = F.scaled_dot_product_attention(
+                packed, keys, values, attn_mask=attn_mask, scale=self.scale
+            )
+        return out.reshape(rows, heads, 1, d).transpose(1, 2).contiguous()
+
+
+def decode_step_for(model: torch.nn.Module, mode: str = DECODE_STEPS[0]) -> DecodeStep:
+    """`--decode-step`: `auto` takes the lean step where the model allows it,
+    `transformers` always the transformers forward."""
+    if mode not in DECODE_STEPS:
+        raise ValueError(f"--decode-step must be one of {', '.join(DECODE_STEPS)}, not {mode!r}")
+    why = "--decode-step transformers" if mode == "transformers" else unsupported_reason(model)
+    if why:
+        log.info("decode steps on the transformers forward", reason=why)
+        return ModelDecode(model)
+    log.info("decode steps on the lean Llama loop", model_type=model.config.model_type)
+    return LeanDecode(model)

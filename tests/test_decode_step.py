@@ -1,0 +1,161 @@
+"""The lean decode step computes the transformers forward's logits bit for
+bit: on the default model (float32, packed linears, bfloat16), on padded
+and unpadded batches, on Qwen2's biased projections and plain multi-head
+attention; every other model keeps the transformers forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from llm_worker.decode_step import (
+    LeanDecode,
+    ModelDecode,
+    decode_step_for,
+    unsupported_reason,
+)
+from llm_worker.kv_batch import KVBatch
+from llm_worker.packed_linear import pack_linears
+
+
+class _AlwaysPack:
+    """A probe whose verdict is always "pack" (the tests need both paths)."""
+
+    def known(self, model):
+        return True
+
+    def decide(self, model, toggle):
+        return True
+
+
+def _batch(model, lengths: list[int], seed: int = 0) -> tuple[KVBatch, torch.Tensor]:
+    """Rows prefilled alone and batched as the engine batches them (left
+    padding where lengths differ), and each row's first greedy token."""
+    generator = torch.Generator().manual_seed(seed)
+    kvs, first = [], []
+    for n in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=generator)
+        out = model(input_ids=ids, use_cache=True)
+        kvs.append(KVBatch.single(out.past_key_values))
+        first.append(out.logits[:, -1:].argmax(-1))
+    return KVBatch.concat(kvs), torch.cat(first)
+
+
+def _decode(step, model, lengths: list[int], steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(each step's logits, the greedy tokens) of `steps` decode steps."""
+    kv, token = _batch(model, lengths)
+    logits, tokens = [], []
+    for _ in range(steps):
+        out = step(token, kv.lengths()[:, None], kv.cache, kv.step_mask())
+        kv.grew()
+        token = out.argmax(-1, keepdim=True)
+        logits.append(out)
+        tokens.append(token)
+    return logits, torch.cat(tokens, dim=1)
+
+
+def _assert_same(model, lengths: list[int], steps: int = 8) -> None:
+    lean = decode_step_for(model)
+    assert isinstance(lean, LeanDecode), unsupported_reason(model)
+    with torch.inference_mode():
+        want_logits, want = _decode(ModelDecode(model), model, lengths, steps)
+        got_logits, got = _decode(lean, model, lengths, steps)
+    assert torch.equal(got, want)
+    for a, b in zip(got_logits, want_logits, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.fixture(scope="module")
+def default_f32(default_model_dir):
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[37], [30, 30], [41, 23, 9]],
+    ids=["one row", "unpadded rows", "padded rows"],
+)
+def test_lean_step_is_the_forward_bit_for_bit_on_the_default_model(default_f32, lengths):
+    _assert_same(default_f32, lengths)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_lean_step_runs_packed_linears_unchanged(default_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    assert pack_linears(model, "on", _AlwaysPack()) > 0
+    _assert_same(model, [33, 12], steps=4)
+
+
+def test_lean_step_in_bfloat16(default_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16).eval()
+    _assert_same(model, [29, 17], steps=4)
+
+
+def _tiny(config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _llama(**overrides) -> LlamaConfig:
+    fields = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def _qwen2(**overrides):
+    from transformers import Qwen2Config
+
+    fields = {k: v for k, v in _llama().to_diff_dict().items() if k != "model_type"}
+    return Qwen2Config(**{**fields, **overrides})
+
+
+def test_lean_step_on_qwen2_biases_and_on_plain_multi_head_attention():
+    model = _tiny(_qwen2())
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    _assert_same(model, [20, 7, 13])
+    _assert_same(_tiny(_llama(num_key_value_heads=4)), [20, 7, 13])  # one group
+    _assert_same(_tiny(_llama(attention_bias=True, mlp_bias=True)), [11, 5])
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (lambda: _tiny(_llama(hidden_act="gelu")), "activation 'gelu'"),
+        (lambda: _tiny(_gpt2()), "model type 'gpt2'"),
+        (
+            lambda: _tiny(_qwen2(use_sliding_window=True, max_window_layers=1)),
+            "sliding-window layers",
+        ),
+    ],
+    ids=["gelu llama", "gpt2", "sliding window"],
+)
+def test_other_models_keep_the_transformers_forward(model, reason):
+    model = model()
+    assert unsupported_reason(model) == reason
+    assert isinstance(decode_step_for(model), ModelDecode)
+
+
+def _gpt2():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+
+
+def test_the_flag_chooses_and_is_checked():
+    model = _tiny(_llama())
+    assert isinstance(decode_step_for(model, "auto"), LeanDecode)
+    assert isinstance(decode_step_for(model, "transformers"), ModelDecode)
+    with pytest.raises(ValueError, match="--decode-step must be one of auto, transformers"):
+        decode_step_for(model, "fast")
+    from llm_worker.config import WorkerConfig
+
+    with pytest.raises(ValueError, match="--decode-step"):
+        WorkerConfig(decode_step="fast")
