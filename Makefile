@@ -132,7 +132,8 @@ bench-parsers: proto
 # Decode tokens/s at 1/4/8/16 concurrent streams and time to first token,
 # against plain model.generate(); writes bench/results/worker.{md,json}. Then
 # the decode step with the engine's batch cache against transformers'
-# DynamicCache; writes bench/results/kv_cache.{md,json}.
+# DynamicCache; writes bench/results/kv_cache.{md,json}. Then the lean decode
+# step against the transformers forward; writes bench/results/decode_step.{md,json}.
 bench-worker: proto
 	$(PY) -m bench.worker $(BENCH_ARGS)
 	@if [ -x $(VLLM_VENV)/bin/python ]; then $(PY) -m bench.worker.engines $(BENCH_ARGS); \
@@ -140,6 +141,7 @@ bench-worker: proto
 	@# The peers bench runs the rows whose engines are installed and says which are not.
 	$(PY) -m bench.worker.peers $(BENCH_ARGS)
 	$(PY) -m bench.worker.kv_cache $(BENCH_ARGS)
+	$(PY) -m bench.worker.decode_step $(BENCH_ARGS)
 
 # Coverage-guided fuzzing of the parsers (CI runs the hypothesis versions).
 fuzz: proto

@@ -45,3 +45,16 @@ def test_kv_cache_quick_run_compares_both_caches(tmp_path, capsys):
     assert [(r["context"], r["batch"]) for r in results["rows"]] == [(64, 1), (64, 2)]
     for row in results["rows"]:
         assert row["dynamic_step_ms"] > 0 and row["growing_step_ms"] > 0 and row["speedup"] > 0
+
+
+def test_decode_step_quick_run_compares_both_steps(tmp_path, capsys):
+    from bench.worker.decode_step import main as step_main
+
+    out = tmp_path / "decode_step"
+    assert step_main(["--quick", "--out", str(out)]) == 0  # 0: the logits matched
+    results = json.loads(out.with_name("decode_step.json").read_text(encoding="utf-8"))
+    assert "| dtype | rows | transformers step | lean step |" in capsys.readouterr().out
+    assert [r["rows"] for r in results["rows"] if r["dtype"] == "float32"] == [1, 2]
+    for row in results["rows"]:
+        assert row["identical_logits"] is True
+        assert row["transformers_step_ms"] > 0 and row["lean_step_ms"] > 0
