@@ -86,17 +86,26 @@ class _Layer:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's arithmetic, op for op (in float32, back to x's dtype)."""
+    """LlamaRMSNorm's arithmetic, op for op (in float32, back to x's dtype).
+    In float32 on CPU, torch's rms_norm gives the same floats in one op."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """apply_rotary_pos_emb's arithmetic on one tensor of heads."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_pos_emb's arithmetic on heads: x·cos + rotate_half(x)·sin,
+    with rotate_half's negation moved onto sin (`_signed`): -a·b and a·-b
+    are the same float, and the step negates one small tensor, not two."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
+    return (x * cos) + (torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin)
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def unsupported_reason(model: torch.nn.Module) -> str:
@@ -135,6 +144,7 @@ class LeanDecode:
         first = inner.layers[0].self_attn
         self.head_dim = int(first.head_dim)
         self.groups = int(first.num_key_value_groups)
+        self.heads = int(config.num_attention_heads)
         self.scale = float(first.scaling)
         self.layers = [
             _Layer(
@@ -155,13 +165,15 @@ class LeanDecode:
         rows, d = tokens.shape[0], self.head_dim
         h = self.embed(tokens)
         cos, sin = self.rotary(h, position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # over the heads axis
+        cos, sin = cos.unsqueeze(1), _signed(sin.unsqueeze(1))  # over the heads axis
         # What transformers' sdpa_mask makes of a padding mask at one query.
         attn_mask = None if mask is None else mask.bool()[:, None, None, :]
         for part, kv in zip(self.layers, cache.layers, strict=True):
             x = _rms_norm(h, part.attn_norm, self.eps)
-            q = _rope(part.q(x).view(rows, 1, -1, d).transpose(1, 2), cos, sin)
-            k = _rope(part.k(x).view(rows, 1, -1, d).transpose(1, 2), cos, sin)
+            # q's and k's heads rotated as one tensor: half the small ops.
+            qk = torch.cat((part.q(x), part.k(x)), dim=-1).view(rows, 1, -1, d).transpose(1, 2)
+            qk = _rope(qk, cos, sin)
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = part.v(x).view(rows, 1, -1, d).transpose(1, 2)
             keys, values = kv.update(k, v)
             h = h + part.o(self._attend(q, keys, values, attn_mask).view(rows, 1, -1))
