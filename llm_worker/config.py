@@ -15,6 +15,12 @@ PACK_MODES = ("auto", "on", "off")  # --pack-linears; what each does: llm_worker
 # --decode-step, the first the default; what each does: llm_worker/decode_step.py
 DECODE_STEPS = ("auto", "transformers")
 
+
+def check_decode_step(mode: str) -> None:
+    if mode not in DECODE_STEPS:
+        raise ValueError(f"--decode-step must be one of {', '.join(DECODE_STEPS)}, not {mode!r}")
+
+
 # The engines a worker can front (llm_worker/engines/).
 ENGINES = ("hf", "vllm", "openai")
 # Prompt tokens per prefill between decode steps (--prefill-chunk).
@@ -167,10 +173,7 @@ class WorkerConfig:
             raise ValueError(
                 f"--pack-linears must be one of {', '.join(PACK_MODES)}, not {self.pack_linears!r}"
             )
-        if self.decode_step not in DECODE_STEPS:
-            raise ValueError(
-                f"--decode-step must be one of {', '.join(DECODE_STEPS)}, not {self.decode_step!r}"
-            )
+        check_decode_step(self.decode_step)
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be 0 (off) or more, not {self.prefill_chunk}")
         for name in ("engine_connect_timeout", "engine_read_timeout"):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from llm_worker.config import DECODE_STEPS
+from llm_worker.config import DECODE_STEPS, check_decode_step
 
 log = structlog.get_logger("engine")
 
@@ -203,8 +203,7 @@ class LeanDecode:
 def decode_step_for(model: torch.nn.Module, mode: str = DECODE_STEPS[0]) -> DecodeStep:
     """`--decode-step`: `auto` takes the lean step where the model allows it,
     `transformers` always the transformers forward."""
-    if mode not in DECODE_STEPS:
-        raise ValueError(f"--decode-step must be one of {', '.join(DECODE_STEPS)}, not {mode!r}")
+    check_decode_step(mode)
     why = "--decode-step transformers" if mode == "transformers" else unsupported_reason(model)
     if why:
         log.info("decode steps on the transformers forward", reason=why)
