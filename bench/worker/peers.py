@@ -9,7 +9,16 @@ pick, side by side in one run:
 - llama.cpp on the same GGUF (Q4_1), one stream (where .venv-llamacpp exists).
 
     python -m bench.worker.peers [--streams 1,16] [--tokens 128] [--quick]
-                                 [--out bench/results/peers] [--only NAME,...]
+                                 [--rounds 3] [--out bench/results/peers]
+                                 [--only NAME,...]
+
+Every worker is started first (one after another, so no start-up probe
+competes with another), then each round measures every worker at every
+concurrency in turn: on a shared machine a slow minute falls on all of them
+alike, and each row pools its `--rounds` runs (the spread of the rounds is
+reported beside it). Bandwidth is measured before the first round and after
+each one, and the bound takes the best reading: a ceiling is what the
+machine can do, not what it did once.
 
 `--only` keeps the peers whose names contain one of the words ("hf
 float32", "vllm"): the reference row (hf float32) always runs first.
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -30,17 +40,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench import common
 from bench.worker.__main__ import StreamResult, _streams, prompts, summarize_streams
-from bench.worker.engines import VLLM_PYTHON, _rows, parse_args
+from bench.worker.engines import VLLM_PYTHON, parse_args
 from bench.worker.servers import ROOT, Subprocess, free_port, wait_serving
 
 LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
 FULL_STREAMS = (1, 16)
+LLAMACPP_ROW = "llama.cpp Q4_1"
 TRANSFORMERS_STEP = ("--decode-step", "transformers")
 GOAL_BOUND_SHARE = 0.60  # one stream at ≥ 60 % of the float32 bandwidth bound
+ROUNDS = 3  # full runs; --quick runs 1
 BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -53,17 +65,22 @@ class Peer:
 
 
 def memory_bandwidth_gbs(mib: int = 1024, repeats: int = 7) -> float:
-    """Read bandwidth: the best of `repeats` sums over a `mib` MiB tensor on
-    every core (what a decode step does to the weights, and nothing else)."""
+    """Read bandwidth: the best of `repeats` passes over a `mib` MiB float32
+    tensor on every core, each a sum and a matrix-vector product (what a
+    decode step does to its weights; MKL's gemv streams faster than torch's
+    sum on some CPUs, and the bound is the faster of the two)."""
     import torch
 
-    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
-    x.sum()  # first touch
+    side = 4096
+    x = torch.ones(mib * 2**20 // 4 // side, side, dtype=torch.float32)
+    v = torch.ones(side, dtype=torch.float32)
+    x.sum(), torch.mv(x, v)  # first touch
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
+        for read in (x.sum, lambda: torch.mv(x, v)):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best / 1e9
 
 
@@ -129,33 +146,71 @@ def agreement(tokenizer, reference: list[str], other: list[str]) -> dict:
     return {"identical": same, "of": len(reference), "mean_shared_prefix": statistics.mean(shares)}
 
 
-async def measure_worker(
-    peer: Peer,
-    streams: Sequence[int],
-    tokens: int,
-    texts: list[str],
-    completions: list[str] | None,
-    logs,
-    say,
-) -> tuple[list[dict], list[str], list[str]]:
-    """The peer's rows, the forced completions (made here by the first peer),
-    and the peer's own greedy output on the first prompts (not float32's)."""
+@dataclass
+class Running:
+    """A started worker and the runs measured on it, by concurrency."""
+
+    peer: Peer
+    target: str
+    runs: dict[int, list] = field(default_factory=dict)
+    own: list[str] = field(default_factory=list)  # its greedy text, bf16 only
+
+
+async def start_worker(
+    stack: contextlib.ExitStack, peer: Peer, max_batch: int, logs, say
+) -> Running:
+    """Starts the peer's worker (stopped when `stack` closes) and waits for it."""
     port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     say(f"{peer.name}: starting the worker")
-    with Subprocess(
-        worker_argv(peer, port, metrics_port, max(streams)),
-        logs / f"{peer.name}.log",
-        f"the {peer.name} worker",
-    ) as proc:
-        await wait_serving(target, proc)
-        if completions is None:  # the reference row: its greedy text is everyone's work
-            completions = await greedy(target, texts, tokens)
-        own = await greedy(target, texts[:8], tokens) if peer.dtype != "float32" else []
-        rows = await _rows(
-            lambda n: _streams(target, texts[:n], completions[:n]), streams, say, peer.name
+    proc = stack.enter_context(
+        Subprocess(
+            worker_argv(peer, port, metrics_port, max_batch),
+            logs / f"{peer.name}.log",
+            f"the {peer.name} worker",
         )
-    return rows, completions, own
+    )
+    await wait_serving(target, proc)
+    return Running(peer, target)
+
+
+def pooled(runs: list) -> dict:
+    """One row from a concurrency's runs over the rounds, with each round's
+    aggregate tok/s beside the pooled one."""
+    return {
+        **summarize_streams(runs),
+        "round_aggregates": [sum(r.tokens for r in results) / wall for results, wall in runs],
+    }
+
+
+def llamacpp_row(tokenizer, texts, completions, tokens: int, bandwidth: float) -> dict:
+    """llama.cpp's row: each text alone, forced through the completion."""
+    from conveyor_common.types import Message
+    from llm_worker.engines.base import GenerationRequest
+    from llm_worker.engines.prepare import tokenize
+    from llm_worker.model_cache import default_gguf
+
+    gguf = default_gguf()
+    forced = [tokenizer.encode(c, add_special_tokens=False) for c in completions]
+    prompt_ids = [
+        tokenize(tokenizer, GenerationRequest([Message("user", t)]), 8192, tokens).prompt
+        for t in texts
+    ]
+    peer = measure_llamacpp(str(gguf), prompt_ids, forced, os.cpu_count() or 1)
+    results = [
+        StreamResult(True, s["tokens"], s["ttft_s"], s["decode_s"], s["total_s"])
+        for s in peer["streams"]
+    ]
+    size = gguf.stat().st_size
+    return {
+        "engine": f"llama-cpp-python {peer['version']}",
+        "dtype": "Q4_1",
+        "weight_bytes": size,
+        "bound_tokens_per_s": bandwidth * 1e9 / size,
+        "rows": [summarize_streams([([r], r.total_s) for r in results])],  # one after another
+        "top1_agreement_with_float32": sum(s["top1_agreement"] for s in peer["streams"])
+        / len(peer["streams"]),
+    }
 
 
 def measure_llamacpp(gguf: str, prompt_ids, forced, threads: int) -> dict:
@@ -174,24 +229,25 @@ def measure_llamacpp(gguf: str, prompt_ids, forced, threads: int) -> dict:
 
 
 async def run(
-    streams: Sequence[int], tokens: int, quick: bool, say=None, only: Sequence[str] = ()
+    streams: Sequence[int],
+    tokens: int,
+    quick: bool,
+    say=None,
+    only: Sequence[str] = (),
+    rounds: int = ROUNDS,
 ) -> dict:
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
-    from conveyor_common.types import Message
-    from llm_worker.engines.base import GenerationRequest
-    from llm_worker.engines.prepare import tokenize
     from llm_worker.loader import cpu_has_native_bf16
-    from llm_worker.model_cache import default_gguf, resolve
+    from llm_worker.model_cache import resolve
 
     say = say or common.progress("bench.peers")
     source = resolve("")
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     bandwidth = memory_bandwidth_gbs()
     params = weight_count(source.path)
-    gguf = default_gguf()
     say(f"memory bandwidth {bandwidth:.1f} GB/s; {params / 1e6:.1f} M weights")
     texts = prompts(max(streams))
     peers = [Peer("hf float32", "hf", "float32")]
@@ -215,48 +271,67 @@ async def run(
         peers = [p for i, p in enumerate(peers) if i == 0 or any(w in p.name for w in only)]
 
     logs = Path(".cache/bench-peers")
+    completions: list[str] = []
+    bandwidths = [bandwidth]
+    with contextlib.ExitStack() as stack:
+        running = []
+        for peer in peers:
+            worker = await start_worker(stack, peer, max(streams), logs, say)
+            if not completions:  # the reference row: its greedy text is everyone's work
+                completions = await greedy(worker.target, texts, tokens)
+            if peer.dtype != "float32":
+                worker.own = await greedy(worker.target, texts[:8], tokens)
+            for n in streams:  # warm: first requests pay lazy init
+                k = min(n, 2)
+                await _streams(worker.target, texts[:k], completions[:k])
+            running.append(worker)
+        for round_ in range(1, rounds + 1):
+            for worker in running:
+                for n in streams:
+                    results, wall = await _streams(worker.target, texts[:n], completions[:n])
+                    worker.runs.setdefault(n, []).append((results, wall))
+                    say(
+                        f"round {round_}/{rounds}, {worker.peer.name} x{n}: "
+                        f"{sum(r.tokens for r in results) / wall:.1f} tok/s aggregate, "
+                        f"exact {sum(r.exact for r in results)}/{n}"
+                    )
+            bandwidths.append(memory_bandwidth_gbs())
+            say(f"memory bandwidth {bandwidths[-1]:.1f} GB/s")
+    bandwidth = max(bandwidths)
+
     rows: dict[str, dict] = {}
-    completions = None
-    for peer in peers:
-        measured, completions, own = await measure_worker(
-            peer, streams, tokens, texts, completions, logs, say
-        )
+    for worker in running:
+        peer = worker.peer
         weight_bytes = params * BYTES[peer.dtype]
         rows[peer.name] = {
             "engine": peer.engine,
             "dtype": peer.dtype,
             "weight_bytes": weight_bytes,
             "bound_tokens_per_s": bandwidth * 1e9 / weight_bytes,
-            "rows": measured,
-            **({"greedy_vs_float32": agreement(tokenizer, completions[:8], own)} if own else {}),
+            "rows": [pooled(worker.runs[n]) for n in streams],
+            **(
+                {"greedy_vs_float32": agreement(tokenizer, completions[:8], worker.own)}
+                if worker.own
+                else {}
+            ),
         }
 
-    if LLAMACPP_PYTHON.is_file():
-        forced = [tokenizer.encode(c, add_special_tokens=False) for c in completions]
-        prompt_ids = [
-            tokenize(tokenizer, GenerationRequest([Message("user", t)]), 8192, tokens).prompt
-            for t in texts
-        ]
+    skipped: list[str] = []  # peer rows that could not run, and why
+    if only and not any(w in LLAMACPP_ROW for w in only):
+        pass
+    elif not LLAMACPP_PYTHON.is_file():
+        skipped.append(f"{LLAMACPP_ROW}: no {LLAMACPP_PYTHON} (make install-llamacpp)")
+    else:
         n = min(4, len(texts)) if not quick else 1
         say(f"llama.cpp: {n} single streams")
-        peer = measure_llamacpp(str(gguf), prompt_ids[:n], forced[:n], os.cpu_count() or 1)
-        results = [
-            StreamResult(True, s["tokens"], s["ttft_s"], s["decode_s"], s["total_s"])
-            for s in peer["streams"]
-        ]
-        row = summarize_streams([([r], r.total_s) for r in results])  # one after another
-        size = gguf.stat().st_size
-        rows["llama.cpp Q4_1"] = {
-            "engine": f"llama-cpp-python {peer['version']}",
-            "dtype": "Q4_1",
-            "weight_bytes": size,
-            "bound_tokens_per_s": bandwidth * 1e9 / size,
-            "rows": [row],
-            "top1_agreement_with_float32": sum(s["top1_agreement"] for s in peer["streams"])
-            / len(peer["streams"]),
-        }
-    else:
-        say(f"no {LLAMACPP_PYTHON}: no llama.cpp row (make install-llamacpp)")
+        try:
+            rows[LLAMACPP_ROW] = llamacpp_row(
+                tokenizer, texts[:n], completions[:n], tokens, bandwidth
+            )
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+            skipped.append(f"{LLAMACPP_ROW}: failed: {str(e)[-600:]}")  # the rest stands
+    for why in skipped:
+        say(why)
 
     return {
         "benchmark": "peers",
@@ -267,11 +342,14 @@ async def run(
             "tokens_per_stream": tokens,
             "streams": list(streams),
             "quick": quick,
+            "rounds": rounds,
             "memory_bandwidth_gbs": bandwidth,
+            "memory_bandwidth_readings_gbs": bandwidths,
             "weights": params,
             "native_bf16": cpu_has_native_bf16(),
         },
         "peers": rows,
+        "skipped": skipped,
         "goals": goals(rows),
     }
 
@@ -318,32 +396,42 @@ def _goal(what: str, value: float, target: float, at_most: bool = False) -> dict
     return {"goal": f"{what} {'≤' if at_most else '≥'} {target:g}", "value": value, "met": met}
 
 
+def _range(row: dict) -> str:
+    spread = row.get("round_aggregates") or [row["aggregate_tokens_per_s"]]
+    return f"{min(spread):.1f}–{max(spread):.1f}"
+
+
 def markdown(results: dict) -> str:
     m, cfg = results["machine"], results["config"]
     cpu = common.cpu_name(m)
+    readings = cfg.get("memory_bandwidth_readings_gbs") or [cfg["memory_bandwidth_gbs"]]
+    rounds = cfg.get("rounds", 1)
     out = [
         "# The worker against the bandwidth bound and its CPU peers",
         "",
         f"Machine: {cpu}, {m['cpu_count']} CPUs, no GPU; native bf16: "
-        f"{'yes' if cfg['native_bf16'] else 'no'}; measured read bandwidth "
-        f"{cfg['memory_bandwidth_gbs']:.1f} GB/s. Model: {cfg['model']} "
+        f"{'yes' if cfg['native_bf16'] else 'no'}; read bandwidth "
+        f"{cfg['memory_bandwidth_gbs']:.1f} GB/s (the best of {len(readings)} readings, "
+        f"{min(readings):.1f}–{max(readings):.1f}). Model: {cfg['model']} "
         f"({cfg['weights'] / 1e6:.1f} M weights); {cfg['tokens_per_stream']} forced tokens "
-        f"per stream (the hf float32 worker's greedy output), prefix caching off. "
-        f"Date: {results['date']}.",
+        f"per stream (the hf float32 worker's greedy output), prefix caching off; "
+        f"{rounds} round{'s' if rounds > 1 else ''} alternating between the engines, "
+        f"pooled. Date: {results['date']}.",
         "",
         "The bound is one stream's ceiling: bandwidth over the bytes of weights each "
         "decode step reads.",
         "",
-        "| engine | dtype | streams | aggregate tok/s | per-stream tok/s | × bound "
-        "| TTFT mean | TTFT p90 | exact text |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| engine | dtype | streams | aggregate tok/s | rounds' range | per-stream tok/s "
+        "| × bound | TTFT mean | TTFT p90 | exact text |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, peer in results["peers"].items():
         for r in peer["rows"]:
             share = r["per_stream_tokens_per_s"] / peer["bound_tokens_per_s"]
             out.append(
                 f"| {name} | {peer['dtype']} | {r['streams']} | "
-                f"{r['aggregate_tokens_per_s']:.1f} | {r['per_stream_tokens_per_s']:.1f} | "
+                f"{r['aggregate_tokens_per_s']:.1f} | {_range(r)} | "
+                f"{r['per_stream_tokens_per_s']:.1f} | "
                 f"{share:.0%} of {peer['bound_tokens_per_s']:.0f} | "
                 f"{r['ttft_mean_s'] * 1000:.0f} ms | {r['ttft_p90_s'] * 1000:.0f} ms | "
                 f"{r['exact_streams']}/{r['streams']} |"
@@ -377,6 +465,7 @@ def markdown(results: dict) -> str:
             notes.append(
                 f"- hf {dtype}, the lean decode step over the transformers forward: {ratios}."
             )
+    notes += [f"- Not run: {why}" for why in results.get("skipped", [])]
     out += ["", *notes, "", "## Goals", ""]
     for g in results["goals"]:
         value = g["value"] if isinstance(g["value"], bool) else f"{g['value']:.2f}"
@@ -387,12 +476,16 @@ def markdown(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     pick = argparse.ArgumentParser(add_help=False)
     pick.add_argument("--only", default="")
+    pick.add_argument("--rounds", type=int, help=f"rounds over the engines (default {ROUNDS})")
     picked, argv = pick.parse_known_args(argv)
     streams, tokens, quick, out = parse_args(
         argv, "python -m bench.worker.peers", FULL_STREAMS, "bench/results/peers"
     )
     only = [w.strip() for w in picked.only.split(",") if w.strip()]
-    results = asyncio.run(run(streams, tokens, quick, only=only))
+    rounds = picked.rounds if picked.rounds is not None else (1 if quick else ROUNDS)
+    if rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    results = asyncio.run(run(streams, tokens, quick, only=only, rounds=rounds))
     common.publish(results, out, markdown(results))
     return 0 if results["goals"][-1]["met"] else 1
 
