@@ -179,7 +179,7 @@ def pooled(runs: list) -> dict:
     aggregate tok/s beside the pooled one."""
     return {
         **summarize_streams(runs),
-        "round_aggregates": [sum(r.tokens for r in results) / wall for results, wall in runs],
+        "round_aggregates": [summarize_streams([run])["aggregate_tokens_per_s"] for run in runs],
     }
 
 
@@ -288,12 +288,13 @@ async def run(
         for round_ in range(1, rounds + 1):
             for worker in running:
                 for n in streams:
-                    results, wall = await _streams(worker.target, texts[:n], completions[:n])
-                    worker.runs.setdefault(n, []).append((results, wall))
+                    run_ = await _streams(worker.target, texts[:n], completions[:n])
+                    worker.runs.setdefault(n, []).append(run_)
+                    row = summarize_streams([run_])
                     say(
                         f"round {round_}/{rounds}, {worker.peer.name} x{n}: "
-                        f"{sum(r.tokens for r in results) / wall:.1f} tok/s aggregate, "
-                        f"exact {sum(r.exact for r in results)}/{n}"
+                        f"{row['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
+                        f"exact {row['exact_streams']}/{n}"
                     )
             bandwidths.append(memory_bandwidth_gbs())
             say(f"memory bandwidth {bandwidths[-1]:.1f} GB/s")
@@ -317,11 +318,10 @@ async def run(
         }
 
     skipped: list[str] = []  # peer rows that could not run, and why
-    if only and not any(w in LLAMACPP_ROW for w in only):
-        pass
-    elif not LLAMACPP_PYTHON.is_file():
+    wanted = not only or any(w in LLAMACPP_ROW for w in only)
+    if wanted and not LLAMACPP_PYTHON.is_file():
         skipped.append(f"{LLAMACPP_ROW}: no {LLAMACPP_PYTHON} (make install-llamacpp)")
-    else:
+    elif wanted:
         n = min(4, len(texts)) if not quick else 1
         say(f"llama.cpp: {n} single streams")
         try:
