@@ -43,6 +43,15 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(keys, values)
             self.keys, self.values = keys, values
 
+    @classmethod
+    def over(cls, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int) -> GrowingLayer:
+        """A layer whose first `length` columns of these buffers hold its
+        keys and values; the rest is spare capacity for the next steps."""
+        layer = cls(key_buf[:, :, :length], value_buf[:, :, :length])
+        layer._key_buf, layer._value_buf = key_buf, value_buf
+        layer._views = (layer.keys, layer.values)
+        return layer
+
     def _owns_views(self) -> bool:
         # Identity, not `_base`: views made under inference_mode have no base.
         return (
@@ -59,7 +68,7 @@ class GrowingLayer(DynamicLayer):
         length = self.keys.shape[-2] if self.keys.numel() else 0
         new = length + key_states.shape[-2]
         if not self._owns_views() or self._key_buf.shape[-2] < new:
-            capacity = new + max(64, new // 4)
+            capacity = spare_capacity(new)
             shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
             self._key_buf = key_states.new_empty(shape)
             self._value_buf = value_states.new_empty(shape)
@@ -78,6 +87,12 @@ class GrowingLayer(DynamicLayer):
         if self._owns_views():
             return self._key_buf.nbytes + self._value_buf.nbytes
         return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+
+
+def spare_capacity(columns: int) -> int:
+    """The columns a buffer for `columns` columns is given: a quarter more
+    (at least 64), so a step writes in place and copies happen rarely."""
+    return columns + max(64, columns // 4)
 
 
 def growing_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
@@ -186,17 +201,31 @@ class KVBatch:
 
     @staticmethod
     def concat(batches: Sequence[KVBatch]) -> KVBatch:
-        """Stacks batches into one, left-padding each to the longest."""
+        """Stacks batches into one, left-padding each to the longest. Each
+        layer's rows are written once into a new buffer with spare capacity
+        (no padded intermediate, and the next steps grow it in place); the
+        padding is zeros, which the mask hides (a finite value: -inf added
+        to a NaN score would still be NaN)."""
         if len(batches) == 1:
             return batches[0]
         width = max(b.columns for b in batches)
-        masks, per_layer = [], [([], []) for _ in batches[0].cache.layers]
-        for b in batches:
-            pad = width - b.columns
-            masks.append(torch.nn.functional.pad(b.mask, (pad, 0)))
-            for (keys, values), (k, v) in zip(per_layer, b._tensors(), strict=True):
-                # Pads dim -2 (the sequence axis) on the left.
-                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
-                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-        kv = [(torch.cat(k), torch.cat(v)) for k, v in per_layer]
-        return KVBatch(growing_cache(kv), torch.cat(masks))
+        rows = sum(b.rows for b in batches)
+        mask = torch.cat([torch.nn.functional.pad(b.mask, (width - b.columns, 0)) for b in batches])
+        layers = []
+        for parts in zip(*(b._tensors() for b in batches), strict=True):
+            bufs = []
+            for which in (0, 1):  # keys, values
+                first = parts[0][which]
+                heads, dim = first.shape[1], first.shape[3]
+                buf = first.new_empty((rows, heads, spare_capacity(width), dim))
+                row = 0
+                for tensor in (p[which] for p in parts):
+                    n, pad = tensor.shape[0], width - tensor.shape[2]
+                    buf[row : row + n, :, :pad].zero_()
+                    buf[row : row + n, :, pad:width] = tensor
+                    row += n
+                bufs.append(buf)
+            layers.append(GrowingLayer.over(bufs[0], bufs[1], width))
+        cache = DynamicCache()
+        cache.layers, cache.layer_class_to_replicate = layers, None
+        return KVBatch(cache, mask)

@@ -467,6 +467,43 @@ async def test_prompts_that_arrive_together_are_prefilled_together(f32_engine, m
     await _idle(engine)
 
 
+async def test_a_burst_is_grouped_by_length_and_joins_the_batch_in_one_copy(
+    f32_engine, monkeypatch
+):
+    """The head of a burst shares its padded prefill with the prompts nearest
+    its length, not with the next in line; and the rows that join between
+    two decode steps are stacked into the batch in one concat."""
+    from llm_worker.kv_batch import KVBatch
+
+    engine = f32_engine
+    short = [_gen(f"Name a colour, number {i}.", Sampling(max_new_tokens=4)) for i in range(3)]
+    long = _gen("Tell me a long story about a lighthouse. " * 12, Sampling(max_new_tokens=4))
+    burst = [short[0], long, short[1], short[2]]
+    lengths = [len(engine.tokenize(r).prompt) for r in burst]
+    alone = [(await _run(engine, r))[1] for r in burst]
+    # Room for the three short prompts in one forward, not for the long one beside any.
+    monkeypatch.setattr(engine, "prefill_chunk", 3 * max(lengths[0], *lengths[2:]))
+    assert 2 * lengths[1] > engine.prefill_chunk
+    events: list[str] = []
+    concat = KVBatch.concat
+
+    def spy_concat(batches):
+        events.append("concat")
+        return concat(batches)
+
+    monkeypatch.setattr(KVBatch, "concat", staticmethod(spy_concat))
+    shapes = _forward_shapes(engine, monkeypatch)
+    _spy_forwards(engine, lambda ids: events.append("step" if ids.shape[1] == 1 else "prefill"))
+    _arrive_together(engine, monkeypatch, len(burst))
+    together = await asyncio.gather(*(_run(engine, r) for r in burst))
+    assert [ids for _, ids, _ in together] == alone
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills[0] == (3, max(lengths[0], *lengths[2:])), shapes
+    joins = "".join("c" if e == "concat" else "s" if e == "step" else "" for e in events)
+    assert "cc" not in joins, events
+    await _idle(engine)
+
+
 async def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(f32_engine, monkeypatch):
     engine = f32_engine
     long = _gen("A long document about many things. " * 120, Sampling(max_new_tokens=6))

@@ -89,3 +89,35 @@ def test_a_prefill_on_a_cached_prefix_keeps_its_growing_layers(model):
     again = KVBatch.single(out.past_key_values)
     assert again.cache is out.past_key_values and again.columns == 7
     assert all(isinstance(layer, GrowingLayer) for layer in again.cache.layers)
+
+
+def test_concat_left_pads_with_zeros_into_a_buffer_the_next_steps_grow_in_place(model):
+    """Rows of different lengths stack left-padded (zeros under a 0 mask),
+    each row's KV as it was; the buffer has room, so the next step writes
+    in place, and the padded rows decode what each decodes alone."""
+    prompts = [[5, 17, 300], [42, 9, 11, 800, 7, 3], [1, 2]]
+    alone = [KVBatch.single(_prefill(model, p).past_key_values) for p in prompts]
+    batch = KVBatch.concat([alone[0], KVBatch.concat(alone[1:])])
+    assert batch.rows == 3 and batch.columns == 6
+    assert batch.mask.tolist() == [[0, 0, 0, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 1, 1]]
+    for layer, *singles in zip(batch.cache.layers, *(a.cache.layers for a in alone), strict=True):
+        for row, single in enumerate(singles):
+            n = single.keys.shape[2]
+            assert torch.equal(layer.keys[row, :, 6 - n :], single.keys[0])
+            assert torch.equal(layer.values[row, :, 6 - n :], single.values[0])
+            assert not layer.keys[row, :, : 6 - n].any() and not layer.values[row, :, : 6 - n].any()
+    buffer = batch.cache.layers[0]._key_buf.data_ptr()
+    tokens = torch.tensor([[21], [22], [23]])
+    with torch.inference_mode():
+        logits = model(
+            input_ids=tokens,
+            attention_mask=batch.step_mask(),
+            position_ids=batch.lengths()[:, None],
+            past_key_values=batch.cache,
+        ).logits[:, -1]
+        batch.grew()
+        for row, single in enumerate(alone):
+            want = model(input_ids=tokens[row : row + 1], past_key_values=single.cache).logits
+            torch.testing.assert_close(logits[row], want[0, -1], atol=1e-5, rtol=1e-5)
+    assert batch.cache.layers[0]._key_buf.data_ptr() == buffer
+    assert batch.cache.get_seq_length() == 7

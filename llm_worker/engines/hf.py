@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import queue
 import threading
 import time
@@ -58,6 +59,9 @@ from llm_worker.sampling import make_generator, next_token
 from llm_worker.tool_format import check_tool_format
 
 log = structlog.get_logger("engine")
+
+# How far down the waiting line a padded prefill looks for prompts to share it.
+_GROUP_LOOKAHEAD = 64
 
 # Finish reasons after which a sequence's cache is worth keeping for a next round.
 _REUSABLE = {
@@ -164,7 +168,8 @@ class HfEngine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._rows: list[_Sequence] = []  # in batch order
         self._parked: list[_Sequence] = []
-        self._kv: KVBatch | None = None
+        self._kv: KVBatch | None = None  # the rows' KV, but for the joining (see _join)
+        self._joining: list[KVBatch] = []
         self._active: dict[str, _Sequence] = {}  # by request id, until the handler leaves
         self._prefill_s_per_token = 0.0  # measured on cold prefills
         # Prefill is compute-bound and gains from every core even where decode
@@ -240,7 +245,8 @@ class HfEngine:
             rows=len(self._rows),
             parked=len(self._parked),
             waiting=len(self._waiting) + self._inbox.qsize(),
-            kv_bytes=kv.nbytes() if kv is not None else 0,
+            kv_bytes=(kv.nbytes() if kv is not None else 0)
+            + sum(j.nbytes() for j in self._joining),
             prefix_cache_entries=len(self.prefix_cache),
             prefix_cache_tokens=self.prefix_cache.tokens,
         )
@@ -381,21 +387,30 @@ class HfEngine:
                 self._fail(head, e, "prefill failed")
 
     def _cold_group(self, budget: int | None) -> list[_Sequence]:
-        """Waiting requests at the head that can share one padded prefill:
-        none started, none worth its cached prefix, all within `budget` padded
-        tokens (or `prefill_chunk` when idle). Fewer than two: [] (alone)."""
+        """The head of the waiting line and the waiting requests that can
+        share its padded prefill: none started, none worth its cached prefix,
+        all within `budget` padded tokens (or `prefill_chunk` when idle).
+        A padded forward pays for its longest prompt on every row, so the
+        head's company is picked nearest in length first (among the next
+        `_GROUP_LOOKAHEAD`), not in arrival order. Fewer than two: [] (alone)."""
         cap = budget if budget is not None else self.prefill_chunk
         room = self.max_batch - len(self._rows) - len(self._parked)
-        if not cap or room < 2:
+        head = self._waiting[0]
+        if not cap or room < 2 or head.partial is not None or self._worth_reusing(head):
             return []
-        group: list[_Sequence] = []
-        for seq in self._waiting:
-            if len(group) == room or seq.partial is not None:
+        others = [
+            s
+            for s in itertools.islice(self._waiting, 1, 1 + _GROUP_LOOKAHEAD)
+            if s.partial is None and not self._worth_reusing(s)
+        ]
+        others.sort(key=lambda s: abs(len(s.prompt) - len(head.prompt)))
+        group, width = [head], len(head.prompt)
+        for seq in others:
+            if len(group) == room:
                 break
-            width = max([len(seq.prompt), *(len(g.prompt) for g in group)])
-            if width * (len(group) + 1) > cap or self._worth_reusing(seq):
-                break
-            group.append(seq)
+            if max(width, len(seq.prompt)) * (len(group) + 1) <= cap:
+                group.append(seq)
+                width = max(width, len(seq.prompt))
         return group if len(group) > 1 else []
 
     def _worth_reusing(self, seq: _Sequence) -> bool:
@@ -408,7 +423,7 @@ class HfEngine:
         """One left-padded forward over several whole prompts; each row then
         goes on exactly as a lone prefill would. Returns the padded tokens."""
         for seq in group:
-            self._waiting.popleft()
+            self._waiting.remove(seq)
             self._dequeued(seq)
         width = max(len(s.prompt) for s in group)
         ids = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
@@ -514,12 +529,24 @@ class HfEngine:
             self._join(seq, kv)
 
     def _join(self, seq: _Sequence, kv: KVBatch) -> None:
-        self._kv = kv if self._kv is None else KVBatch.concat([self._kv, kv])
+        """Its row is in the batch from the next step on. Its KV joins then,
+        with every row that joined since the last step, in one concat: a
+        burst of arrivals copies the batch once, not once per arrival."""
         self._rows.append(seq)
+        self._joining.append(kv)
+
+    def _batch(self) -> KVBatch | None:
+        """The running batch's KV with every joined row in (see `_join`)."""
+        if self._joining:
+            parts = [self._kv, *self._joining] if self._kv is not None else self._joining
+            self._kv = KVBatch.concat(parts)
+            self._joining = []
+        return self._kv
 
     def _keep_rows(self, keep: list[int]) -> None:
+        kv = self._batch()
         self._rows = [self._rows[i] for i in keep]
-        self._kv = self._kv.select(keep) if self._kv is not None else None
+        self._kv = kv.select(keep) if kv is not None else None
 
     def _forward_step(self, kv: KVBatch, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step of every row: feeds `tokens` ([rows, 1]) and returns
@@ -556,8 +583,9 @@ class HfEngine:
         is retried alone and only the rows that fail alone end (ERROR), so one
         bad request cannot end its neighbours'. None when no row is left."""
         fed = torch.tensor([[s.generated[-1]] for s in self._rows], device=self.device)
+        kv = self._batch()  # a failure here is the whole batch's (out of memory)
         try:
-            return self._forward_step(self._kv, fed)
+            return self._forward_step(kv, fed)
         except Exception as e:
             if len(self._rows) == 1:
                 self._fail(self._rows[0], e, "decode step failed")
@@ -648,7 +676,7 @@ class HfEngine:
         """Ends every request the engine holds past prefill (not the waiting)."""
         for seq in [*self._rows, *self._parked]:
             self._finish(seq, FinishReason.ERROR, message=message)
-        self._rows, self._parked, self._kv = [], [], None
+        self._rows, self._parked, self._kv, self._joining = [], [], None, []
 
     def _emit(self, seq: _Sequence, item: Delta | Completion) -> None:
         """Hands an item to the request's stream without blocking the batch
