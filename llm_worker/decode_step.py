@@ -87,11 +87,15 @@ class _Layer:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm's arithmetic, op for op (in float32, back to x's dtype).
-    In float32 on CPU, torch's rms_norm gives the same floats in one op."""
+    On CPU torch's rms_norm gives the same floats as its float32 ops in one
+    (tests/test_decode_step.py checks the logits bit for bit)."""
     if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if x.device.type == "cpu":  # the same floats again, one op for four
+        h = F.rms_norm(h, (h.shape[-1],), None, eps)
+    else:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
 
@@ -166,8 +170,15 @@ class LeanDecode:
         h = self.embed(tokens)
         cos, sin = self.rotary(h, position_ids)
         cos, sin = cos.unsqueeze(1), _signed(sin.unsqueeze(1))  # over the heads axis
-        # What transformers' sdpa_mask makes of a padding mask at one query.
-        attn_mask = None if mask is None else mask.bool()[:, None, None, :]
+        # What transformers' sdpa_mask makes of a padding mask at one query,
+        # as the additive mask SDPA would turn that bool mask into in every
+        # layer (0 where seen, -inf where not, in the query's dtype): once a step.
+        attn_mask = None
+        if mask is not None:
+            seen = mask.bool()[:, None, None, :]
+            attn_mask = torch.zeros(seen.shape, dtype=h.dtype, device=h.device).masked_fill_(
+                ~seen, float("-inf")
+            )
         for part, kv in zip(self.layers, cache.layers, strict=True):
             x = _rms_norm(h, part.attn_norm, self.eps)
             # q's and k's heads rotated as one tensor: half the small ops.

@@ -55,7 +55,7 @@ from llm_worker.engines.prepare import Tokenized, tokenize
 from llm_worker.kv_batch import KVBatch, growing_cache, supports_batching
 from llm_worker.prefix_cache import PrefixCache
 from llm_worker.prompt import prompt_ids
-from llm_worker.sampling import make_generator, next_token
+from llm_worker.sampling import greedy, make_generator, next_token
 from llm_worker.tool_format import check_tool_format
 
 log = structlog.get_logger("engine")
@@ -518,7 +518,7 @@ class HfEngine:
         if seq.out.forced == []:
             self._finish(seq, FinishReason.FORCED_END)
             return
-        reason = self._advance(seq, self._choose(seq, logits[0], int(logits[0].argmax())))
+        reason = self._advance(seq, self._choose(seq, logits[0], int(greedy(logits[0]))))
         if reason is not None:
             self._store_prefix(seq, kv, 0)
             self._finish(seq, reason)
@@ -559,11 +559,11 @@ class HfEngine:
         metrics.BATCH_SIZE.observe(len(self._rows))
         logits = self._step_logits()
         rows = self._rows
-        greedy = logits.argmax(dim=-1).tolist() if rows else []
+        best = greedy(logits).tolist() if rows else []
         keep, park = [], []
         for i, seq in enumerate(rows):
             try:
-                reason = self._advance(seq, self._choose(seq, logits[i], greedy[i]))
+                reason = self._advance(seq, self._choose(seq, logits[i], best[i]))
                 if reason is not None:
                     self._store_prefix(seq, self._kv, i)
                     self._finish(seq, reason)
@@ -607,13 +607,13 @@ class HfEngine:
         self._kv = KVBatch.concat(kvs) if kvs else None
         return torch.cat(logits) if logits else None
 
-    def _choose(self, seq: _Sequence, logits: torch.Tensor, greedy: int) -> int:
-        """The row's next token: forced, greedy (`greedy`, from one argmax for
-        the batch), or sampled with its own parameters and generator."""
+    def _choose(self, seq: _Sequence, logits: torch.Tensor, best: int) -> int:
+        """The row's next token: forced, greedy (`best`, found for the whole
+        batch at once), or sampled with its own parameters and generator."""
         if seq.out.forced is not None:
             return seq.out.next_forced()
         if seq.generator is None:
-            return greedy
+            return best
         return next_token(logits, seq.request.sampling, seq.generator)
 
     def _advance(self, seq: _Sequence, token: int) -> FinishReason | None:
