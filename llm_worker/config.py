@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DECODE_STEPS[0],
         choices=list(DECODE_STEPS),
         help="auto: decode steps of Llama-family models as a lean loop of the same ops "
-        "(bit-identical logits, less per-step overhead); transformers: the model's forward",
+        "(the forward's logits, bit for bit but for padded bf16 rows on CPU; less per-step "
+        "overhead); transformers: the model's forward",
     )
     p.add_argument(
         "--cache-dir", default="", help="model conversion cache (default ~/.cache/conveyor)"

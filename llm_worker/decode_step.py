@@ -13,7 +13,8 @@ step took ~15 % less time on the lean loop. `LeanDecode` runs the same math
 (the model's own weights and linears, packed or not, its rotary embedding
 and its cache layers) as one loop over the layers, op for op what the
 forward computes: the same RMSNorm, RoPE, SDPA and MLP in the same order and
-dtypes, so its logits are the forward's bit for bit (tests/test_decode_step.py).
+dtypes, so its logits are the forward's bit for bit (tests/test_decode_step.py);
+the one exception, padded bf16 rows on CPU, is `gqa_with_mask` below.
 
 Only decode steps take this path; prefills (many tokens, causal masks,
 chunks) stay on the transformers forward, and so does every model whose
@@ -33,6 +34,11 @@ from transformers import DynamicCache
 from llm_worker.config import DECODE_STEPS, check_decode_step
 
 log = structlog.get_logger("engine")
+
+# How far padded bf16 rows on CPU (see LeanDecode.gqa_with_mask) may stray
+# from the forward's logits: a share of the largest logit (about 7 bf16 steps
+# at the logits' scale; a mask or position off by a column is far beyond it).
+BF16_LOGIT_SHARE = 0.03
 
 # Model types whose decoder layers are Llama's: pre-norm RMSNorm, rotary
 # q/k, grouped-query SDPA, SiLU-gated MLP (Qwen2 adds q/k/v biases, which
@@ -135,7 +141,8 @@ def unsupported_reason(model: torch.nn.Module) -> str:
 
 
 class LeanDecode:
-    """`ModelDecode`'s logits, bit for bit, from a loop over the layers."""
+    """`ModelDecode`'s logits, bit for bit (but see `gqa_with_mask`), from a
+    loop over the layers."""
 
     def __init__(self, model: torch.nn.Module):
         inner = model.model
@@ -150,6 +157,14 @@ class LeanDecode:
         self.groups = int(first.num_key_value_groups)
         self.heads = int(config.num_attention_heads)
         self.scale = float(first.scaling)
+        # Padded rows in bfloat16 on CPU: SDPA's own GQA beside the mask, not
+        # the forward's query heads packed per key/value head. At 16 rows of
+        # ~600 columns its flash kernel took 17 ms a step over the 30 layers
+        # against 26 ms packed (float32: no gain, so it keeps the forward's
+        # way). Its sums run in another order, so these logits differ from the
+        # forward's at bfloat16's rounding (tests/test_decode_step.py bounds it).
+        weight = self.embed.weight
+        self.gqa_with_mask = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
         self.layers = [
             _Layer(
                 layer.input_layernorm.weight,
@@ -201,8 +216,10 @@ class LeanDecode:
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=attn_mask, scale=self.scale
             )
-        elif attn_mask is None:
-            out = F.scaled_dot_product_attention(q, keys, values, scale=self.scale, enable_gqa=True)
+        elif attn_mask is None or self.gqa_with_mask:
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=attn_mask, scale=self.scale, enable_gqa=True
+            )
         else:
             packed = q.reshape(rows, heads // self.groups, self.groups, d)
             out = F.scaled_dot_product_attention(

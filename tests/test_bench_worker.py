@@ -49,12 +49,15 @@ def test_kv_cache_quick_run_compares_both_caches(tmp_path, capsys):
 
 def test_decode_step_quick_run_compares_both_steps(tmp_path, capsys):
     from bench.worker.decode_step import main as step_main
+    from llm_worker.decode_step import BF16_LOGIT_SHARE
 
     out = tmp_path / "decode_step"
-    assert step_main(["--quick", "--out", str(out)]) == 0  # 0: the logits matched
+    assert step_main(["--quick", "--out", str(out)]) == 0  # 0: the logits agreed
     results = json.loads(out.with_name("decode_step.json").read_text(encoding="utf-8"))
     assert "| dtype | rows | transformers step | lean step |" in capsys.readouterr().out
     assert [r["rows"] for r in results["rows"] if r["dtype"] == "float32"] == [1, 2]
     for row in results["rows"]:
-        assert row["identical_logits"] is True
+        # Bit for bit but for padded bf16 rows (one attention kernel differs there).
+        assert row["identical_logits"] is (row["dtype"] == "float32" or row["rows"] == 1)
+        assert row["max_logit_diff_share"] <= BF16_LOGIT_SHARE
         assert row["transformers_step_ms"] > 0 and row["lean_step_ms"] > 0

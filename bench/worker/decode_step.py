@@ -12,7 +12,8 @@ size, both steps decode from copies of one batch (rows of
 `--context` tokens and fewer, left-padded as the engine pads them), alternating every
 `--steps` steps for `--rounds` rounds (drift in a shared machine hits
 both); each reports its median step, and the run checks that the two
-computed the same logits at every step.
+computed the same logits at the end of every round (padded bf16 rows, where
+one attention kernel differs: within bf16's rounding, `BF16_LOGIT_SHARE`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def measure(model, ids: list[int], rows: int, steps: int, rounds: int) -> dict:
         batches = {name: batch.select(list(range(rows))) for name in ways}  # own copies
         tokens = dict.fromkeys(ways, torch.cat(first))
         times: dict[str, list[float]] = {name: [] for name in ways}
-        identical = True
+        identical, worst = True, 0.0
         for _ in range(rounds):
             logits = {}
             for name, step in ways.items():
@@ -61,6 +62,9 @@ def measure(model, ids: list[int], rows: int, steps: int, rounds: int) -> dict:
                     times[name].append(time.perf_counter() - start)
                 logits[name] = out
             identical &= torch.equal(logits["lean"], logits["transformers"])
+            # Padded bf16 rows on CPU differ at bf16's rounding (decode_step.py).
+            lean, plain = logits["lean"].float(), logits["transformers"].float()
+            worst = max(worst, float((lean - plain).abs().max() / plain.abs().max()))
     plain = statistics.median(times["transformers"]) * 1000
     lean = statistics.median(times["lean"]) * 1000
     return {
@@ -69,6 +73,7 @@ def measure(model, ids: list[int], rows: int, steps: int, rounds: int) -> dict:
         "lean_step_ms": lean,
         "speedup": plain / lean,
         "identical_logits": identical,
+        "max_logit_diff_share": worst,  # of the largest logit, at rounds' ends
     }
 
 
@@ -122,9 +127,24 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {r['dtype']} | {r['rows']} | {r['transformers_step_ms']:.1f} ms "
             f"| {r['lean_step_ms']:.1f} ms | {r['speedup']:.2f}× "
-            f"| {'yes' if r['identical_logits'] else 'NO'} |"
+            f"| {_same(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _agrees(row: dict) -> bool:
+    """Bit for bit, or (padded bf16 rows) within the bound the tests hold."""
+    from llm_worker.decode_step import BF16_LOGIT_SHARE
+
+    if row["identical_logits"]:
+        return True
+    return row["dtype"] == "bfloat16" and row["max_logit_diff_share"] <= BF16_LOGIT_SHARE
+
+
+def _same(row: dict) -> str:
+    if row["identical_logits"]:
+        return "yes"
+    return f"within {row.get('max_logit_diff_share', float('nan')):.1%} of the largest logit"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         context, steps, rounds = args.context, args.steps, args.rounds
     results = run(rows, context, steps, rounds, dtypes)
     common.publish(results, args.out, markdown(results))
-    return 0 if all(r["identical_logits"] for r in results["rows"]) else 1
+    return 0 if all(_agrees(r) for r in results["rows"]) else 1
 
 
 if __name__ == "__main__":
