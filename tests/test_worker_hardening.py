@@ -96,11 +96,14 @@ def patched_forward(engine, before_step):
     row) of `engine`; prefills pass untouched."""
     step = engine._decode
 
-    def spy(tokens, *rest):
-        before_step(tokens)
-        return step(tokens, *rest)
+    class Spy:
+        prefill = step.prefill
 
-    engine._decode = spy
+        def __call__(self, tokens, *rest):
+            before_step(tokens)
+            return step(tokens, *rest)
+
+    engine._decode = Spy()
     try:
         yield
     finally:

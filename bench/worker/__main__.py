@@ -352,4 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from bench.worker.servers import stop_workers_on_sigterm
+
+    stop_workers_on_sigterm()
     sys.exit(main())

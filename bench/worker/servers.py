@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -21,6 +22,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_workers_on_sigterm() -> None:
+    """A SIGTERM ends a bench as Ctrl-C does: the with-blocks holding its
+    worker processes unwind and stop them. (Python's default SIGTERM exits
+    at once, and a killed bench left its workers running.)"""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 class Subprocess:
