@@ -1,7 +1,5 @@
-"""The model's two passes: a decode step of the running batch (one new token
-per row in, each row's next-token logits out) and a prefill (prompt tokens
-in, the last position's logits and the cache out). Two implementations
-behind one interface:
+"""One decode step of the running batch: one new token per row in, each
+row's next-token logits out. Two implementations behind one signature:
 
 - `ModelDecode`: the transformers forward, `model(input_ids=..., ...)`; any
   model transformers runs.
@@ -18,13 +16,9 @@ forward computes: the same RMSNorm, RoPE, SDPA and MLP in the same order and
 dtypes, so its logits are the forward's bit for bit (tests/test_decode_step.py);
 the one exception, padded bf16 rows on CPU, is `gqa_with_mask` below.
 
-Prefills run on the same loop (`LeanDecode.prefill`) with a causal mask
-(and padding, for prompts prefilled together) and SDPA's own GQA instead of
-the forward's repeated key/value heads: ~5 % less time than the forward on
-three 340-token prompts, its logits the forward's within float rounding
-(tests/test_decode_step.py). Every model whose layers `unsupported_reason`
-does not know to be plain Llama layers stays on the transformers forward
-for both.
+Only decode steps take this path; prefills (many tokens, causal masks,
+chunks) stay on the transformers forward, and so does every model whose
+layers `unsupported_reason` does not know to be plain Llama layers.
 """
 
 from __future__ import annotations
@@ -38,7 +32,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from llm_worker.config import DECODE_STEPS, check_decode_step
-from llm_worker.kv_batch import empty_growing_cache
 
 log = structlog.get_logger("engine")
 
@@ -65,18 +58,6 @@ class DecodeStep(Protocol):
         real token) or None when no row is padded. Appends each layer's key
         and value to `cache` and returns the logits [rows, vocab]."""
 
-    def prefill(
-        self,
-        tokens: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: DynamicCache | None,
-        mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, DynamicCache]:
-        """Prompt tokens [rows, width] after `cache`'s columns (None: none);
-        mask: [rows, width] (1 = a real token) for left-padded prompts on no
-        cache, or None. Returns the last position's logits [rows, vocab] and
-        the cache with the prompt's keys and values in."""
-
 
 class ModelDecode:
     """The transformers forward as a decode step."""
@@ -93,17 +74,6 @@ class ModelDecode:
             use_cache=True,
         )
         return out.logits[:, -1]
-
-    def prefill(self, tokens, position_ids, cache, mask):
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1], out.past_key_values
 
 
 @dataclass(frozen=True)
@@ -142,14 +112,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1).mul_(signed_sin)
     return (x * cos).add_(rotated)
-
-
-def _additive(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool attention mask as SDPA turns it into an additive one: 0 where
-    seen, -inf where not, in the queries' dtype."""
-    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(
-        ~seen, float("-inf")
-    )
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:
@@ -220,73 +182,33 @@ class LeanDecode:
         ]
 
     def __call__(self, tokens, position_ids, cache, mask) -> torch.Tensor:
+        rows, d = tokens.shape[0], self.head_dim
+        h = self.embed(tokens)
+        cos, sin = self.rotary(h, position_ids)
+        cos, sin = cos.unsqueeze(1), _signed(sin.unsqueeze(1))  # over the heads axis
         # What transformers' sdpa_mask makes of a padding mask at one query,
         # as the additive mask SDPA would turn that bool mask into in every
         # layer (0 where seen, -inf where not, in the query's dtype): once a step.
         attn_mask = None
         if mask is not None:
-            attn_mask = _additive(mask.bool()[:, None, None, :], self.embed.weight.dtype)
-        h = self._layers(
-            self.embed(tokens),
-            position_ids,
-            cache,
-            lambda q, keys, values: self._attend(q, keys, values, attn_mask),
-        )
-        return self.lm_head(_rms_norm(h, self.final_norm, self.eps))[:, -1]
-
-    def prefill(self, tokens, position_ids, cache, mask):
-        """A prompt pass on the same loop (see the module's docstring)."""
-        if cache is None:
-            cache = empty_growing_cache(len(self.layers))
-        past, width = cache.get_seq_length(), tokens.shape[1]
-        dtype, device = self.embed.weight.dtype, tokens.device
-        causal, attn_mask = mask is None and past == 0, None
-        if not causal:
-            # Query i sees the cache and the prompt up to itself.
-            seen = torch.ones((width, past + width), dtype=torch.bool, device=device)
-            seen = seen.tril(diagonal=past)[None, None]
-            if mask is not None:  # left padding: no query sees a padding column
-                # A padding query then sees nothing, and SDPA gives it zeros (a
-                # finite row; the test checks the cache holds no NaN).
-                seen = seen & mask.bool()[:, None, None, :]
-            attn_mask = _additive(seen, dtype)
-
-        def attend(q, keys, values):
-            out = F.scaled_dot_product_attention(
-                q,
-                keys,
-                values,
-                attn_mask=attn_mask,
-                is_causal=causal,
-                scale=self.scale,
-                enable_gqa=self.groups > 1,
+            seen = mask.bool()[:, None, None, :]
+            attn_mask = torch.zeros(seen.shape, dtype=h.dtype, device=h.device).masked_fill_(
+                ~seen, float("-inf")
             )
-            return out.transpose(1, 2).contiguous()
-
-        h = self._layers(self.embed(tokens), position_ids, cache, attend)
-        return self.lm_head(_rms_norm(h[:, -1:], self.final_norm, self.eps))[:, -1], cache
-
-    def _layers(self, h, position_ids, cache, attend) -> torch.Tensor:
-        """The decoder layers over hidden states [rows, width, hidden]; each
-        layer's keys and values go into `cache`, and `attend(q, keys, values)`
-        returns [rows, width, heads, head_dim]."""
-        rows, width, d = h.shape[0], h.shape[1], self.head_dim
-        cos, sin = self.rotary(h, position_ids)
-        cos, sin = cos.unsqueeze(1), _signed(sin.unsqueeze(1))  # over the heads axis
         for part, kv in zip(self.layers, cache.layers, strict=True):
             x = _rms_norm(h, part.attn_norm, self.eps)
             # q's and k's heads rotated as one tensor: half the small ops.
-            qk = torch.cat((part.q(x), part.k(x)), dim=-1).view(rows, width, -1, d).transpose(1, 2)
+            qk = torch.cat((part.q(x), part.k(x)), dim=-1).view(rows, 1, -1, d).transpose(1, 2)
             qk = _rope(qk, cos, sin)
             q, k = qk[:, : self.heads], qk[:, self.heads :]
-            v = part.v(x).view(rows, width, -1, d).transpose(1, 2)
+            v = part.v(x).view(rows, 1, -1, d).transpose(1, 2)
             keys, values = kv.update(k, v)
-            h = h + part.o(attend(q, keys, values).view(rows, width, -1))
+            h = h + part.o(self._attend(q, keys, values, attn_mask).view(rows, 1, -1))
             x = _rms_norm(h, part.mlp_norm, self.eps)
             # In place where a fresh tensor would only be freed again (the same floats).
             gated = F.silu(part.gate(x), inplace=True).mul_(part.up(x))
             h = h.add_(part.down(gated))
-        return h
+        return self.lm_head(_rms_norm(h, self.final_norm, self.eps))[:, -1]
 
     def _attend(self, q, keys, values, attn_mask) -> torch.Tensor:
         """sdpa_attention_forward at one query: GQA in SDPA without a mask;

@@ -103,14 +103,6 @@ def growing_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCac
     return cache
 
 
-def empty_growing_cache(layers: int) -> DynamicCache:
-    """A DynamicCache of `layers` empty GrowingLayers, for a prefill to fill."""
-    cache = DynamicCache()
-    cache.layers = [GrowingLayer() for _ in range(layers)]
-    cache.layer_class_to_replicate = None
-    return cache
-
-
 def supports_batching(cache: DynamicCache) -> bool:
     """Padding and slicing along the sequence axis are only sound for plain
     full-attention layers (not sliding windows, not recurrent state)."""

@@ -1,9 +1,9 @@
 """The lean decode step computes the transformers forward's logits bit for
-bit (its prefill within float rounding): on the default model (float32,
-packed linears, unpadded bfloat16), on padded and unpadded batches, on
-Qwen2's biased projections and plain multi-head attention; padded bfloat16
-rows on CPU within bf16's rounding (one attention kernel differs there);
-every other model keeps the transformers forward."""
+bit: on the default model (float32, packed linears, unpadded bfloat16), on
+padded and unpadded batches, on Qwen2's biased projections and plain
+multi-head attention; padded bfloat16 rows on CPU within bf16's rounding
+(one attention kernel differs there); every other model keeps the
+transformers forward."""
 
 from __future__ import annotations
 
@@ -155,65 +155,6 @@ def test_lean_step_on_qwen2_biases_and_on_plain_multi_head_attention():
     _assert_same(model, [20, 7, 13])
     _assert_same(_tiny(_llama(num_key_value_heads=4)), [20, 7, 13])  # one group
     _assert_same(_tiny(_llama(attention_bias=True, mlp_bias=True)), [11, 5])
-
-
-def _prefill_both(model, lengths: list[int], split: int = 0):
-    """The lean and the forward's prefill of left-padded prompts of these
-    lengths (with `split`, the lean one in two chunks, the second on the
-    first's cache): (lean logits, forward logits, lean cache, forward cache, mask)."""
-    generator = torch.Generator().manual_seed(1)
-    width = max(lengths)
-    ids = torch.randint(0, model.config.vocab_size, (len(lengths), width), generator=generator)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, width - n :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    padded = None if all(n == width for n in lengths) else mask
-    lean = decode_step_for(model)
-    assert isinstance(lean, LeanDecode)
-    with torch.inference_mode():
-        want, theirs = ModelDecode(model).prefill(ids, positions, None, padded)
-        if split:
-            _, ours = lean.prefill(ids[:, :split], positions[:, :split], None, None)
-            got, ours = lean.prefill(ids[:, split:], positions[:, split:], ours, None)
-        else:
-            got, ours = lean.prefill(ids, positions, None, padded)
-    return got, want, ours, theirs, mask
-
-
-@pytest.mark.parametrize("lengths", [[37], [41, 23, 9]], ids=["one prompt", "left-padded prompts"])
-def test_lean_prefill_is_the_forwards_within_rounding(default_f32, lengths):
-    """The last position's logits, and every real column's keys and values;
-    padding columns hold finite values (the mask hides them, NaN it would not)."""
-    got, want, ours, theirs, mask = _prefill_both(default_f32, lengths)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
-    real = mask.bool()
-    for a, b in zip(ours.layers, theirs.layers, strict=True):
-        assert torch.isfinite(a.keys).all() and torch.isfinite(a.values).all()
-        for x, y in ((a.keys, b.keys), (a.values, b.values)):
-            torch.testing.assert_close(
-                x.transpose(1, 2)[real], y.transpose(1, 2)[real], atol=1e-4, rtol=1e-4
-            )
-
-
-def test_lean_prefill_in_chunks_on_its_own_cache(default_f32):
-    got, want, ours, _, _ = _prefill_both(default_f32, [40], split=25)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert ours.get_seq_length() == 40
-
-
-def test_lean_prefill_in_bfloat16_within_its_rounding(default_bf16):
-    got, want, *_ = _prefill_both(default_bf16, [41, 23, 9])
-    diff, scale = (got.float() - want.float()).abs(), float(want.float().abs().max())
-    assert float(diff.max()) <= BF16_LOGIT_SHARE * scale
-
-
-def test_lean_prefill_on_qwen2_biases_and_on_plain_multi_head_attention():
-    for model in (_tiny(_qwen2()), _tiny(_llama(num_key_value_heads=4))):
-        for lengths in ([20, 7, 13], [16]):
-            got, want, *_ = _prefill_both(model, lengths)
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

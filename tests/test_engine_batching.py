@@ -408,31 +408,27 @@ async def f32_engine(tiny_model_dir):
     engine.stop()
 
 
-class _SpyPasses:
-    """An engine's `_decode` that calls `seen(input_ids)` on every pass."""
-
-    def __init__(self, passes, seen):
-        self.passes, self.seen = passes, seen
-
-    def __call__(self, tokens, *rest):
-        self.seen(tokens)
-        return self.passes(tokens, *rest)
-
-    def prefill(self, tokens, *rest):
-        self.seen(tokens)
-        return self.passes.prefill(tokens, *rest)
-
-
 def _spy_forwards(engine, seen) -> None:
     """Calls `seen(input_ids)` on every forward pass the engine makes: its
-    prefills and its decode steps, both through its `_decode`."""
-    engine._decode = _SpyPasses(engine._decode, seen)
+    prefills through the model, its decode steps through its decode step."""
+    forward, step = engine.model.forward, engine._decode
+
+    def spy_forward(*args, **kwargs):
+        seen(kwargs["input_ids"])
+        return forward(*args, **kwargs)
+
+    def spy_step(tokens, *rest):
+        seen(tokens)
+        return step(tokens, *rest)
+
+    engine.model.forward, engine._decode = spy_forward, spy_step
 
 
 def _forward_shapes(engine, monkeypatch) -> list[tuple[int, int]]:
     """Records the [rows, tokens] of every forward pass the engine makes."""
     shapes: list[tuple[int, int]] = []
-    monkeypatch.setattr(engine, "_decode", engine._decode)  # restored after the test
+    monkeypatch.setattr(engine.model, "forward", engine.model.forward)
+    monkeypatch.setattr(engine, "_decode", engine._decode)  # both restored after the test
     _spy_forwards(engine, lambda ids: shapes.append(tuple(ids.shape)))
     return shapes
 

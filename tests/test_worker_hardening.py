@@ -96,14 +96,11 @@ def patched_forward(engine, before_step):
     row) of `engine`; prefills pass untouched."""
     step = engine._decode
 
-    class Spy:
-        prefill = step.prefill
+    def spy(tokens, *rest):
+        before_step(tokens)
+        return step(tokens, *rest)
 
-        def __call__(self, tokens, *rest):
-            before_step(tokens)
-            return step(tokens, *rest)
-
-    engine._decode = Spy()
+    engine._decode = spy
     try:
         yield
     finally:

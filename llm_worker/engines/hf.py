@@ -145,7 +145,7 @@ class HfEngine:
         decode_step: str = DECODE_STEPS[0],
     ):
         self.model = model.eval()
-        # Every decode step and prefill goes through this (llm_worker/decode_step.py).
+        # Every decode step goes through this (llm_worker/decode_step.py).
         self._decode: DecodeStep = decode_step_for(self.model, decode_step)
         self.tokenizer = tokenizer
         # With accelerate's device_map the inputs go where the embeddings are.
@@ -202,14 +202,12 @@ class HfEngine:
         """One prefill and one batched step so the first request pays no lazy
         init; also learns whether the model's cache can be batched."""
         ids = prompt_ids(self.tokenizer, [Message("user", "Hi")], [])
-        tokens = torch.tensor([ids], device=self.device)
-        positions = torch.arange(len(ids), device=self.device)[None]
         with torch.inference_mode():
             for _ in range(2):  # the second prefill, past lazy init, sets the cost estimate
                 start = time.perf_counter()
-                logits, cache = self._decode.prefill(tokens, positions, None, None)
+                out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
                 self._prefill_s_per_token = (time.perf_counter() - start) / len(ids)
-            if not supports_batching(cache):
+            if not supports_batching(out.past_key_values):
                 log.warning(
                     "this model's cache cannot be batched (sliding window or recurrent "
                     "layers); decoding one request at a time, without prefix reuse"
@@ -217,9 +215,9 @@ class HfEngine:
                 self.max_batch = 1
                 self.prefix_cache.max_tokens = 0
                 return
-            kv = KVBatch.single(cache)
+            kv = KVBatch.single(out.past_key_values)
             kv = KVBatch.concat([kv, kv.select([0])])
-            token = greedy(logits)[:, None].repeat(2, 1)
+            token = out.logits[:, -1:].argmax(-1).repeat(2, 1)
             self._forward_step(kv, token)
 
     @property
@@ -436,8 +434,13 @@ class HfEngine:
         start = time.perf_counter()
         try:
             with torch_threads(self.prefill_threads):
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits, cache = self._decode.prefill(ids, positions, None, mask)
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         except Exception:  # retried one by one, so only a prompt that fails alone ends
             log.exception("batched prefill failed; prefilling each request alone")
             self._waiting.extendleft(reversed(group))
@@ -450,12 +453,13 @@ class HfEngine:
                     self._fail(seq, e, "prefill failed")
             return sum(len(s.prompt) for s in group)
         seconds = time.perf_counter() - start
+        cache = out.past_key_values
         kv = KVBatch(growing_cache([(la.keys, la.values) for la in cache.layers]), mask)
         for i, seq in enumerate(group):
             seq.prefill_seconds = seconds
             metrics.PROMPT_TOKENS.inc(len(seq.prompt))
             try:
-                self._prefilled(seq, kv.select([i]), logits[i : i + 1])
+                self._prefilled(seq, kv.select([i]), out.logits[i : i + 1, -1])
             except Exception as e:
                 self._fail(seq, e, "prefill failed")
         self._learn_prefill_rate(seconds, sum(len(s.prompt) for s in group))
@@ -479,14 +483,14 @@ class HfEngine:
         piece = seq.prompt[seq.prefilled : end]
         start = time.perf_counter()
         with torch_threads(self.prefill_threads):
-            logits, seq.partial = self._decode.prefill(
-                torch.tensor([piece], device=self.device),
-                torch.arange(seq.prefilled, end, device=self.device)[None],
-                seq.partial,
-                None,
+            out = self.model(
+                input_ids=torch.tensor([piece], device=self.device),
+                past_key_values=seq.partial,
+                use_cache=True,
+                logits_to_keep=1,
             )
         seq.prefill_seconds += time.perf_counter() - start
-        seq.prefilled = end
+        seq.partial, seq.prefilled = out.past_key_values, end
         if end < len(seq.prompt):
             return len(piece)  # more chunks to come; it stays at the head
         self._waiting.popleft()
@@ -494,7 +498,7 @@ class HfEngine:
             self._learn_prefill_rate(seq.prefill_seconds, len(seq.prompt))
         metrics.PROMPT_TOKENS.inc(len(seq.prompt))
         kv, seq.partial = KVBatch.single(seq.partial), None
-        self._prefilled(seq, kv, logits)
+        self._prefilled(seq, kv, out.logits[:, -1])
         return len(piece)
 
     def _dequeued(self, seq: _Sequence) -> None:
