@@ -97,9 +97,13 @@ def spare_capacity(columns: int) -> int:
 
 def growing_cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     """A DynamicCache of GrowingLayers that adopts these tensors (no copy)."""
+    return _cache_of([GrowingLayer(k, v) for k, v in kv])
+
+
+def _cache_of(layers: list[GrowingLayer]) -> DynamicCache:
+    """A DynamicCache holding exactly these layers (none added lazily)."""
     cache = DynamicCache()
-    cache.layers = [GrowingLayer(k, v) for k, v in kv]
-    cache.layer_class_to_replicate = None
+    cache.layers, cache.layer_class_to_replicate = layers, None
     return cache
 
 
@@ -226,6 +230,4 @@ class KVBatch:
                     row += n
                 bufs.append(buf)
             layers.append(GrowingLayer.over(bufs[0], bufs[1], width))
-        cache = DynamicCache()
-        cache.layers, cache.layer_class_to_replicate = layers, None
-        return KVBatch(cache, mask)
+        return KVBatch(_cache_of(layers), mask)

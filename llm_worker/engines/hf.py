@@ -398,17 +398,15 @@ class HfEngine:
         head = self._waiting[0]
         if not cap or room < 2 or head.partial is not None or self._worth_reusing(head):
             return []
-        others = [
-            s
-            for s in itertools.islice(self._waiting, 1, 1 + _GROUP_LOOKAHEAD)
-            if s.partial is None and not self._worth_reusing(s)
-        ]
+        others = list(itertools.islice(self._waiting, 1, 1 + _GROUP_LOOKAHEAD))
         others.sort(key=lambda s: abs(len(s.prompt) - len(head.prompt)))
         group, width = [head], len(head.prompt)
         for seq in others:
             if len(group) == room:
                 break
-            if max(width, len(seq.prompt)) * (len(group) + 1) <= cap:
+            fits = max(width, len(seq.prompt)) * (len(group) + 1) <= cap
+            # The prefix-cache lookup last: only for a prompt that would fit.
+            if fits and seq.partial is None and not self._worth_reusing(seq):
                 group.append(seq)
                 width = max(width, len(seq.prompt))
         return group if len(group) > 1 else []
