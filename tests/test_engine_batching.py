@@ -508,6 +508,59 @@ async def test_a_burst_is_grouped_by_length_and_joins_the_batch_in_one_copy(
     await _idle(engine)
 
 
+async def test_a_burst_is_prefilled_shortest_first_whatever_its_order(f32_engine, monkeypatch):
+    """The long prompt that came first in a burst is prefilled after the
+    short ones that came after it (together: the chunk has room for both,
+    not for the long one beside one), and every request's tokens are what
+    they are alone."""
+    engine = f32_engine
+    long = _gen("Tell me a long story about a lighthouse. " * 12, Sampling(max_new_tokens=3))
+    short = [_gen(f"Name a colour, number {i}.", Sampling(max_new_tokens=3)) for i in range(2)]
+    burst = [long, *short]
+    lengths = [len(engine.tokenize(r).prompt) for r in burst]
+    alone = [(await _run(engine, r))[1] for r in burst]
+    monkeypatch.setattr(engine, "prefill_chunk", lengths[0])
+    assert 2 * max(lengths[1:]) <= engine.prefill_chunk < 2 * lengths[0]
+    shapes = _forward_shapes(engine, monkeypatch)
+    _arrive_together(engine, monkeypatch, len(burst))
+    together = await asyncio.gather(*(_run(engine, r) for r in burst))
+    assert [ids for _, ids, _ in together] == alone
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills == [(2, max(lengths[1:])), (1, lengths[0])], shapes
+    await _idle(engine)
+
+
+async def test_an_idle_engine_waits_for_a_burst_still_being_tokenized(f32_engine, monkeypatch):
+    """The long prompt is tokenized first, the short one 10 ms later: the
+    idle engine holds the first for it (the burst wait, made long here so a
+    slow machine cannot outlast it; it ends when the short one arrives) and
+    so prefills the short one first; without the wait the long one would
+    already be running."""
+    import time as clock
+
+    from llm_worker.engines import hf
+
+    engine = f32_engine
+    long = _gen("Tell me a long story about a lighthouse. " * 12, Sampling(max_new_tokens=2))
+    short = _gen("Name a colour.", Sampling(max_new_tokens=2))
+    lengths = [len(engine.tokenize(r).prompt) for r in (long, short)]
+    tokenize = engine.tokenize
+
+    def slow_for_the_short_one(request):
+        if request is short:
+            clock.sleep(0.01)
+        return tokenize(request)
+
+    monkeypatch.setattr(engine, "tokenize", slow_for_the_short_one)
+    monkeypatch.setattr(hf, "_BURST_WAIT_S", 10.0)
+    monkeypatch.setattr(engine, "prefill_chunk", lengths[0])  # room for one at a time
+    shapes = _forward_shapes(engine, monkeypatch)
+    await asyncio.gather(_run(engine, long), _run(engine, short))
+    prefills = [s for s in shapes if s[1] > 1]
+    assert prefills == [(1, lengths[1]), (1, lengths[0])], shapes
+    await _idle(engine)
+
+
 async def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(f32_engine, monkeypatch):
     engine = f32_engine
     long = _gen("A long document about many things. " * 120, Sampling(max_new_tokens=6))
