@@ -531,7 +531,7 @@ async def test_a_burst_is_prefilled_shortest_first_whatever_its_order(f32_engine
 
 
 async def test_an_idle_engine_waits_for_a_burst_still_being_tokenized(f32_engine, monkeypatch):
-    """The long prompt is tokenized first, the short one 10 ms later: the
+    """The long prompt is tokenized first, the short one 0.2 s later: the
     idle engine holds the first for it (the burst wait, made long here so a
     slow machine cannot outlast it; it ends when the short one arrives) and
     so prefills the short one first; without the wait the long one would
@@ -548,7 +548,7 @@ async def test_an_idle_engine_waits_for_a_burst_still_being_tokenized(f32_engine
 
     def slow_for_the_short_one(request):
         if request is short:
-            clock.sleep(0.01)
+            clock.sleep(0.2)
         return tokenize(request)
 
     monkeypatch.setattr(engine, "tokenize", slow_for_the_short_one)

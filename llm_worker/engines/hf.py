@@ -124,7 +124,7 @@ class _Sequence:
     # A prompt prefilled in chunks: the KV of its first `prefilled` tokens.
     partial: DynamicCache | None = None
     prefilled: int = 0
-    overtaken: int = 0  # times prefilled after a later request (prefill_order)
+    overtaken: int = 0  # times a later request was prefilled ahead of it (prefill_order)
     left_to_prefill: int | None = None  # its prompt less a cached prefix, once looked up
     done: bool = False
 
@@ -173,7 +173,7 @@ class HfEngine:
         self.label = label
         self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
         self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._tokenizing = 0  # requests in generate() not yet in the inbox
+        self._tokenizing = 0  # requests being tokenized (written on the event loop only)
         self._rows: list[_Sequence] = []  # in batch order
         self._parked: list[_Sequence] = []
         self._kv: KVBatch | None = None  # the rows' KV, but for the joining (see _join)
@@ -350,12 +350,8 @@ class HfEngine:
                 if item is None:
                     return False
                 self._waiting.append(item)
-                deadline = time.perf_counter() + _BURST_WAIT_S
-                while self._tokenizing and (left := deadline - time.perf_counter()) > 0:
-                    item = self._inbox.get(timeout=left)
-                    if item is None:
-                        return False
-                    self._waiting.append(item)
+                if not self._parked and not self._wait_for_burst():
+                    return False
             while True:
                 item = self._inbox.get_nowait()
                 if item is None:
@@ -363,6 +359,21 @@ class HfEngine:
                 self._waiting.append(item)
         except queue.Empty:
             return True
+
+    def _wait_for_burst(self) -> bool:
+        """Takes arrivals while requests are being tokenized, for at most
+        `_BURST_WAIT_S`; False once the engine is stopping. It polls, so a
+        tokenization that fails (nothing arrives) ends the wait too."""
+        deadline = time.perf_counter() + _BURST_WAIT_S
+        while self._tokenizing > 0 and (left := deadline - time.perf_counter()) > 0:
+            try:
+                item = self._inbox.get(timeout=min(left, 0.005))
+            except queue.Empty:
+                continue
+            if item is None:
+                return False
+            self._waiting.append(item)
+        return True
 
     def _drop_stopped(self) -> None:
         """Ends cancelled and aborted requests wherever they are."""
@@ -398,7 +409,10 @@ class HfEngine:
                 self._waiting, self._left_to_prefill, self.max_batch, _GROUP_LOOKAHEAD
             )
             head = self._waiting[0]
+            # Not started: what its cached prefix leaves (a next round's few new tokens).
             left = len(head.prompt) - head.prefilled
+            if not head.prefilled:
+                left = self._left_to_prefill(head)
             if limit is not None and spent and left > limit - spent:
                 break  # the rows step first; the rest next iteration
             group = self._cold_group(limit - spent if limit else None)
@@ -424,7 +438,11 @@ class HfEngine:
         head = self._waiting[0]
         if not cap or room < 2 or head.partial is not None or self._worth_reusing(head):
             return []
-        others = list(itertools.islice(self._waiting, 1, 1 + _GROUP_LOOKAHEAD))
+        others = []
+        for seq in itertools.islice(self._waiting, 1, 1 + _GROUP_LOOKAHEAD):
+            others.append(seq)
+            if seq.overtaken >= self.max_batch:
+                break  # as in prefill_order: none behind it goes ahead of it
         others.sort(key=lambda s: abs(len(s.prompt) - len(head.prompt)))
         group, width = [head], len(head.prompt)
         for seq in others:
