@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import queue
 import threading
 import time
@@ -51,7 +50,7 @@ from llm_worker.engines.base import (
     RequestError,
 )
 from llm_worker.engines.output import TokenOutput, TokenRules
-from llm_worker.engines.prefill_order import bring_cheapest_forward
+from llm_worker.engines.prefill_order import bring_cheapest_forward, may_go_first
 from llm_worker.engines.prepare import Tokenized, tokenize
 from llm_worker.kv_batch import KVBatch, growing_cache, supports_batching
 from llm_worker.prefix_cache import PrefixCache
@@ -346,17 +345,13 @@ class HfEngine:
         otherwise, behind the first prefill, on the 2-core Xeon)."""
         try:
             if not (self._rows or self._waiting):
-                item = self._inbox.get(timeout=0.005 if self._parked else None)
-                if item is None:
+                if not self._arrived(self._inbox.get(timeout=0.005 if self._parked else None)):
                     return False
-                self._waiting.append(item)
                 if not self._parked and not self._wait_for_burst():
                     return False
-            while True:
-                item = self._inbox.get_nowait()
-                if item is None:
+            while True:  # until the inbox is empty (queue.Empty) or stopping
+                if not self._arrived(self._inbox.get_nowait()):
                     return False
-                self._waiting.append(item)
         except queue.Empty:
             return True
 
@@ -367,12 +362,17 @@ class HfEngine:
         deadline = time.perf_counter() + _BURST_WAIT_S
         while self._tokenizing > 0 and (left := deadline - time.perf_counter()) > 0:
             try:
-                item = self._inbox.get(timeout=min(left, 0.005))
+                if not self._arrived(self._inbox.get(timeout=min(left, 0.005))):
+                    return False
             except queue.Empty:
                 continue
-            if item is None:
-                return False
-            self._waiting.append(item)
+        return True
+
+    def _arrived(self, item: _Sequence | None) -> bool:
+        """Puts an arrival in the waiting line; False for the stop sentinel."""
+        if item is None:
+            return False
+        self._waiting.append(item)
         return True
 
     def _drop_stopped(self) -> None:
@@ -409,10 +409,7 @@ class HfEngine:
                 self._waiting, self._left_to_prefill, self.max_batch, _GROUP_LOOKAHEAD
             )
             head = self._waiting[0]
-            # Not started: what its cached prefix leaves (a next round's few new tokens).
-            left = len(head.prompt) - head.prefilled
-            if not head.prefilled:
-                left = self._left_to_prefill(head)
+            left = self._left_to_prefill(head)
             if limit is not None and spent and left > limit - spent:
                 break  # the rows step first; the rest next iteration
             group = self._cold_group(limit - spent if limit else None)
@@ -438,11 +435,7 @@ class HfEngine:
         head = self._waiting[0]
         if not cap or room < 2 or head.partial is not None or self._worth_reusing(head):
             return []
-        others = []
-        for seq in itertools.islice(self._waiting, 1, 1 + _GROUP_LOOKAHEAD):
-            others.append(seq)
-            if seq.overtaken >= self.max_batch:
-                break  # as in prefill_order: none behind it goes ahead of it
+        others = may_go_first(self._waiting, self.max_batch, 1, 1 + _GROUP_LOOKAHEAD)
         others.sort(key=lambda s: abs(len(s.prompt) - len(head.prompt)))
         group, width = [head], len(head.prompt)
         for seq in others:
@@ -456,8 +449,12 @@ class HfEngine:
         return group if len(group) > 1 else []
 
     def _left_to_prefill(self, seq: _Sequence) -> int:
-        """Its prompt's tokens not in the prefix cache, looked up once (an
-        entry stored or dropped later only shifts its place in line)."""
+        """Its prompt's tokens still to prefill: past its chunks so far once
+        begun; before that, those not in the prefix cache (a next round's few
+        new tokens), looked up once (an entry stored or dropped later only
+        shifts its place in line)."""
+        if seq.prefilled:
+            return len(seq.prompt) - seq.prefilled
         if seq.left_to_prefill is None:
             seq.left_to_prefill = len(seq.prompt) - self.prefix_cache.lookup(seq.prompt)[0]
         return seq.left_to_prefill

@@ -32,19 +32,28 @@ class Waiting(Protocol):
 W = TypeVar("W", bound=Waiting)
 
 
+def may_go_first(waiting: collections.deque[W], limit: int, start: int, stop: int) -> list[W]:
+    """`waiting[start:stop]` up to the first request none may pass (one
+    passed `limit` times, or one that has begun its prefill), that one
+    included: those that may be prefilled before the ones ahead of them.
+    The engine's padded prefill picks its company within this too."""
+    reachable: list[W] = []
+    for seq in itertools.islice(waiting, start, stop):
+        reachable.append(seq)
+        if seq.overtaken >= limit or seq.prefilled:
+            break  # nothing behind it may pass it
+    return reachable
+
+
 def bring_cheapest_forward(
     waiting: collections.deque[W], cost: Callable[[W], int], limit: int, lookahead: int
 ) -> None:
     """Moves the cheapest of the first `lookahead` waiting requests to the
     head of `waiting`, passing no request that has been passed `limit` times
     or has begun its prefill (ties keep their order)."""
-    if len(waiting) < 2 or waiting[0].prefilled:
+    candidates = may_go_first(waiting, limit, 0, lookahead)
+    if len(candidates) < 2:
         return
-    candidates: list[W] = []
-    for seq in itertools.islice(waiting, lookahead):
-        candidates.append(seq)
-        if seq.overtaken >= limit or seq.prefilled:
-            break  # nothing behind it may pass it
     best = min(range(len(candidates)), key=lambda i: cost(candidates[i]))
     if best == 0:
         return
