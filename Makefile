@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml tests/ui/package-lock.json
 	  echo "installing bubblewrap and libseccomp2"; \
 	  (apt-get install -y bubblewrap libseccomp2 || \
 	   (apt-get update && apt-get install -y bubblewrap libseccomp2)) >/dev/null; }
+	@# A C++ compiler builds the worker's CPU decode-attention kernel at its first start.
+	@command -v c++ >/dev/null || { echo "installing g++"; \
+	  (apt-get install -y g++ || (apt-get update && apt-get install -y g++)) >/dev/null; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=68"
 	$(PIP) install -q torch==2.13.0
@@ -134,6 +137,8 @@ bench-parsers: proto
 # the decode step with the engine's batch cache against transformers'
 # DynamicCache; writes bench/results/kv_cache.{md,json}. Then the lean decode
 # step against the transformers forward; writes bench/results/decode_step.{md,json}.
+# Then decode attention alone, the CPU kernel against SDPA; writes
+# bench/results/decode_attention.{md,json}.
 bench-worker: proto
 	$(PY) -m bench.worker $(BENCH_ARGS)
 	@if [ -x $(VLLM_VENV)/bin/python ]; then $(PY) -m bench.worker.engines $(BENCH_ARGS); \
@@ -142,6 +147,7 @@ bench-worker: proto
 	$(PY) -m bench.worker.peers $(BENCH_ARGS)
 	$(PY) -m bench.worker.kv_cache $(BENCH_ARGS)
 	$(PY) -m bench.worker.decode_step $(BENCH_ARGS)
+	$(PY) -m bench.worker.decode_attention $(BENCH_ARGS)
 
 # Coverage-guided fuzzing of the parsers (CI runs the hypothesis versions).
 fuzz: proto

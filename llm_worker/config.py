@@ -16,6 +16,17 @@ PACK_MODES = ("auto", "on", "off")  # --pack-linears; what each does: llm_worker
 DECODE_STEPS = ("auto", "transformers")
 
 
+# --decode-attention, the first the default; what each does: llm_worker/decode_attention.py
+DECODE_ATTENTIONS = ("auto", "sdpa")
+
+
+def check_decode_attention(mode: str) -> None:
+    if mode not in DECODE_ATTENTIONS:
+        raise ValueError(
+            f"--decode-attention must be one of {', '.join(DECODE_ATTENTIONS)}, not {mode!r}"
+        )
+
+
 def check_decode_step(mode: str) -> None:
     if mode not in DECODE_STEPS:
         raise ValueError(f"--decode-step must be one of {', '.join(DECODE_STEPS)}, not {mode!r}")
@@ -85,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "overhead); transformers: the model's forward",
     )
     p.add_argument(
+        "--decode-attention",
+        default=DECODE_ATTENTIONS[0],
+        choices=list(DECODE_ATTENTIONS),
+        help="auto: the lean step's attention on CPU is a kernel built once per machine "
+        "(needs a C++ compiler; SDPA where it does not build); sdpa: torch's SDPA",
+    )
+    p.add_argument(
         "--cache-dir", default="", help="model conversion cache (default ~/.cache/conveyor)"
     )
     p.add_argument("--max-new-tokens", type=int, default=512, help="default per request")
@@ -150,6 +168,7 @@ class WorkerConfig:
     dtype: str = "auto"
     pack_linears: str = "auto"  # auto | on | off (llm_worker/packed_linear.py)
     decode_step: str = DECODE_STEPS[0]  # llm_worker/decode_step.py
+    decode_attention: str = DECODE_ATTENTIONS[0]  # llm_worker/decode_attention.py
     cache_dir: str = ""
     max_new_tokens: int = 512
     max_queue: int = 64
@@ -175,6 +194,7 @@ class WorkerConfig:
                 f"--pack-linears must be one of {', '.join(PACK_MODES)}, not {self.pack_linears!r}"
             )
         check_decode_step(self.decode_step)
+        check_decode_attention(self.decode_attention)
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be 0 (off) or more, not {self.prefill_chunk}")
         for name in ("engine_connect_timeout", "engine_read_timeout"):
@@ -195,6 +215,7 @@ class WorkerConfig:
             dtype=ns.dtype,
             pack_linears=ns.pack_linears,
             decode_step=ns.decode_step,
+            decode_attention=ns.decode_attention,
             cache_dir=ns.cache_dir,
             max_new_tokens=ns.max_new_tokens,
             max_queue=ns.max_queue,

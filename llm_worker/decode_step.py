@@ -16,6 +16,11 @@ forward computes: the same RMSNorm, RoPE, SDPA and MLP in the same order and
 dtypes, so its logits are the forward's bit for bit (tests/test_decode_step.py);
 the one exception, padded bf16 rows on CPU, is `gqa_with_mask` below.
 
+On CPU its attention is, by default, a kernel of our own instead of SDPA
+(`--decode-attention`, llm_worker/decode_attention.py): same math, summed in
+another order, so those logits match the forward's to float rounding, not bit
+for bit (tests/test_decode_attention.py).
+
 Only decode steps take this path; prefills (many tokens, causal masks,
 chunks) stay on the transformers forward, and so does every model whose
 layers `unsupported_reason` does not know to be plain Llama layers.
@@ -31,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from llm_worker.config import DECODE_STEPS, check_decode_step
+from llm_worker import decode_attention
+from llm_worker.config import (
+    DECODE_ATTENTIONS,
+    DECODE_STEPS,
+    check_decode_attention,
+    check_decode_step,
+)
+from llm_worker.decode_attention import Kernel
 
 log = structlog.get_logger("engine")
 
@@ -145,8 +157,9 @@ class LeanDecode:
     """`ModelDecode`'s logits, bit for bit (but see `gqa_with_mask`), from a
     loop over the layers."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, kernel: Kernel | None = None):
         inner = model.model
+        self.kernel = kernel  # the CPU decode-attention kernel, or None: SDPA
         config = model.config
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
@@ -190,7 +203,10 @@ class LeanDecode:
         # as the additive mask SDPA would turn that bool mask into in every
         # layer (0 where seen, -inf where not, in the query's dtype): once a step.
         attn_mask = None
-        if mask is not None:
+        starts = None
+        if self.kernel is not None:
+            starts = decode_attention.row_starts(mask, rows)
+        if mask is not None and starts is None:
             seen = mask.bool()[:, None, None, :]
             attn_mask = torch.zeros(seen.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~seen, float("-inf")
@@ -203,7 +219,11 @@ class LeanDecode:
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = part.v(x).view(rows, 1, -1, d).transpose(1, 2)
             keys, values = kv.update(k, v)
-            h = h + part.o(self._attend(q, keys, values, attn_mask).view(rows, 1, -1))
+            if starts is not None:
+                out = self.kernel(q[:, :, 0], keys, values, starts, self.scale)
+            else:
+                out = self._attend(q, keys, values, attn_mask)
+            h = h + part.o(out.view(rows, 1, -1))
             x = _rms_norm(h, part.mlp_norm, self.eps)
             # In place where a fresh tensor would only be freed again (the same floats).
             gated = F.silu(part.gate(x), inplace=True).mul_(part.up(x))
@@ -231,13 +251,38 @@ class LeanDecode:
         return out.reshape(rows, heads, 1, d).transpose(1, 2).contiguous()
 
 
-def decode_step_for(model: torch.nn.Module, mode: str = DECODE_STEPS[0]) -> DecodeStep:
+def decode_step_for(
+    model: torch.nn.Module,
+    mode: str = DECODE_STEPS[0],
+    attention: str = DECODE_ATTENTIONS[0],
+    cache_dir: str = "",
+) -> DecodeStep:
     """`--decode-step`: `auto` takes the lean step where the model allows it,
-    `transformers` always the transformers forward."""
+    `transformers` always the transformers forward. `--decode-attention`:
+    `auto` gives the lean step the CPU kernel where it builds and applies,
+    `sdpa` keeps torch's SDPA."""
     check_decode_step(mode)
+    check_decode_attention(attention)
     why = "--decode-step transformers" if mode == "transformers" else unsupported_reason(model)
     if why:
         log.info("decode steps on the transformers forward", reason=why)
         return ModelDecode(model)
-    log.info("decode steps on the lean Llama loop", model_type=model.config.model_type)
-    return LeanDecode(model)
+    kernel = None
+    first = model.model.layers[0].self_attn
+    why = (
+        "--decode-attention sdpa"
+        if attention == "sdpa"
+        else decode_attention.unsupported_reason(
+            model.model.embed_tokens.weight, int(first.head_dim), int(first.num_key_value_groups)
+        )
+    )
+    if not why:
+        kernel = decode_attention.load_kernel(cache_dir)
+        why = "" if kernel is not None else "the kernel did not build"
+    log.info(
+        "decode steps on the lean Llama loop",
+        model_type=model.config.model_type,
+        attention="kernel" if kernel is not None else "sdpa",
+        **({"reason": why} if why else {}),
+    )
+    return LeanDecode(model, kernel)

@@ -61,3 +61,23 @@ def test_decode_step_quick_run_compares_both_steps(tmp_path, capsys):
         assert row["identical_logits"] is (row["dtype"] == "float32" or row["rows"] == 1)
         assert row["max_logit_diff_share"] <= BF16_LOGIT_SHARE
         assert row["transformers_step_ms"] > 0 and row["lean_step_ms"] > 0
+
+
+def test_decode_attention_quick_run_compares_kernel_and_sdpa(tmp_path, capsys):
+    import shutil
+
+    if shutil.which("c++") is None:
+        pytest.skip("needs a C++ compiler")
+    from bench.worker.decode_attention import main as attention_main
+
+    out = tmp_path / "decode_attention"
+    assert attention_main(["--quick", "--out", str(out)]) == 0  # 0: the two agreed
+    results = json.loads(out.with_name("decode_attention.json").read_text(encoding="utf-8"))
+    assert (
+        "| dtype | rows | columns (real / padded) | SDPA ms | kernel ms |"
+        in capsys.readouterr().out
+    )
+    assert [r["rows"] for r in results["rows"] if r["dtype"] == "float32"] == [1, 4]
+    for row in results["rows"]:
+        assert row["agrees"] and row["sdpa_ms"] > 0 and row["kernel_ms"] > 0
+        assert row["real_columns"] < row["columns"] * row["rows"] or row["rows"] == 1

@@ -59,7 +59,9 @@ def _decode(step, model, lengths: list[int], steps: int) -> tuple[list[torch.Ten
 
 
 def _assert_same(model, lengths: list[int], steps: int = 8) -> None:
-    lean = decode_step_for(model)
+    # SDPA's attention: the decode-attention kernel sums in its own order
+    # (tests/test_decode_attention.py holds it to the forward).
+    lean = decode_step_for(model, "auto", "sdpa")
     assert isinstance(lean, LeanDecode), unsupported_reason(model)
     with torch.inference_mode():
         want_logits, want = _decode(ModelDecode(model), model, lengths, steps)
@@ -105,7 +107,7 @@ def test_lean_step_in_bfloat16_padded_rows_within_its_rounding(default_bf16):
     Fed the same tokens, every step's logits stay within bf16's rounding of
     the forward's; a mask or position wrong by one column is far outside."""
     model = default_bf16
-    lean = decode_step_for(model)
+    lean = decode_step_for(model, "auto", "sdpa")
     assert isinstance(lean, LeanDecode) and lean.gqa_with_mask
     with torch.inference_mode():
         theirs, token = _batch(model, [41, 23, 9])
@@ -191,3 +193,7 @@ def test_the_flag_chooses_and_is_checked():
 
     with pytest.raises(ValueError, match="--decode-step"):
         WorkerConfig(decode_step="fast")
+    with pytest.raises(ValueError, match="--decode-attention must be one of auto, sdpa"):
+        decode_step_for(model, "auto", "flash")
+    with pytest.raises(ValueError, match="--decode-attention"):
+        WorkerConfig(decode_attention="flash")

@@ -40,7 +40,7 @@ from transformers import DynamicCache
 
 from conveyor_common.types import FinishReason, Message
 from llm_worker import metrics
-from llm_worker.config import DECODE_STEPS, PREFILL_CHUNK
+from llm_worker.config import DECODE_ATTENTIONS, DECODE_STEPS, PREFILL_CHUNK
 from llm_worker.decode_step import DecodeStep, decode_step_for
 from llm_worker.engines.base import (
     Completion,
@@ -149,10 +149,14 @@ class HfEngine:
         prefill_chunk: int = PREFILL_CHUNK,
         tool_call_format: str = "",
         decode_step: str = DECODE_STEPS[0],
+        decode_attention: str = DECODE_ATTENTIONS[0],
+        cache_dir: str = "",
     ):
         self.model = model.eval()
         # Every decode step goes through this (llm_worker/decode_step.py).
-        self._decode: DecodeStep = decode_step_for(self.model, decode_step)
+        self._decode: DecodeStep = decode_step_for(
+            self.model, decode_step, decode_attention, cache_dir
+        )
         self.tokenizer = tokenizer
         # With accelerate's device_map the inputs go where the embeddings are.
         self.device = model.get_input_embeddings().weight.device
@@ -789,6 +793,8 @@ def build_hf_engine(config) -> HfEngine:
                 prefill_chunk=config.prefill_chunk,
                 tool_call_format=choose_tool_format(tokenizer, config.tool_call_format, label),
                 decode_step=config.decode_step,
+                decode_attention=config.decode_attention,
+                cache_dir=config.cache_dir,
             )
             engine.warm_up()
             built["engine"] = engine
