@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from llm_worker import decode_attention
 from llm_worker.decode_attention import load_kernel, row_starts
-from llm_worker.decode_step import BF16_LOGIT_SHARE, LeanDecode, ModelDecode, decode_step_for
-from llm_worker.kv_batch import KVBatch
+from llm_worker.decode_step import BF16_LOGIT_SHARE, LeanDecode, decode_step_for
+from tests.test_decode_step import assert_within_rounding
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
 
@@ -152,35 +152,21 @@ def test_a_kernel_that_does_not_build_leaves_sdpa_serving(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize(
-    ("dtype", "share"),
-    [(torch.float32, 1e-4), (torch.bfloat16, BF16_LOGIT_SHARE)],
+    ("dtype", "share", "mean_share"),
+    # bf16: the kernel keeps scores, weights and sums in float32 and rounds
+    # once; SDPA rounds elsewhere. The two differ more on average than SDPA's
+    # two bf16 paths do (measured: 0.74 % of the largest logit, against their
+    # 0.5 % bound); the bound on the largest difference is the same.
+    [(torch.float32, 1e-4, None), (torch.bfloat16, BF16_LOGIT_SHARE, 0.015)],
     ids=["f32", "bf16"],
 )
-def test_the_lean_step_with_the_kernel_is_the_forward_to_rounding(default_model_dir, dtype, share):
+def test_the_lean_step_with_the_kernel_is_the_forward_to_rounding(
+    default_model_dir, dtype, share, mean_share
+):
     """The default: the lean step on the default model attends through the
     kernel. Fed the same tokens, padded rows' logits stay within rounding of
-    the forward's, and greedy picks the same tokens."""
+    the forward's, and in float32 greedy picks the same tokens."""
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=dtype).eval()
     lean = decode_step_for(model)
     assert isinstance(lean, LeanDecode) and lean.kernel is not None
-    generator = torch.Generator().manual_seed(0)
-    kvs, first = [], []
-    with torch.inference_mode():
-        for n in (41, 23, 9):
-            ids = torch.randint(0, model.config.vocab_size, (1, n), generator=generator)
-            out = model(input_ids=ids, use_cache=True)
-            kvs.append(KVBatch.single(out.past_key_values))
-            first.append(out.logits[:, -1:].argmax(-1))
-        theirs, token = KVBatch.concat(kvs), torch.cat(first)
-        ours = theirs.select([0, 1, 2])  # a copy of the same cache
-        for _ in range(6):
-            want = ModelDecode(model)(
-                token, theirs.lengths()[:, None], theirs.cache, theirs.step_mask()
-            )
-            got = lean(token, ours.lengths()[:, None], ours.cache, ours.step_mask())
-            theirs.grew(), ours.grew()
-            diff, scale = (got.float() - want.float()).abs(), float(want.float().abs().max())
-            assert float(diff.max()) <= share * scale
-            if dtype == torch.float32:
-                assert torch.equal(got.argmax(-1), want.argmax(-1))
-            token = want.argmax(-1, keepdim=True)
+    assert_within_rounding(model, lean, share, mean_share, same_greedy=dtype == torch.float32)

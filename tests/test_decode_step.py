@@ -109,6 +109,17 @@ def test_lean_step_in_bfloat16_padded_rows_within_its_rounding(default_bf16):
     model = default_bf16
     lean = decode_step_for(model, "auto", "sdpa")
     assert isinstance(lean, LeanDecode) and lean.gqa_with_mask
+    assert_within_rounding(model, lean, BF16_LOGIT_SHARE)
+
+
+def assert_within_rounding(
+    model, lean, share: float, mean_share: float | None = None, same_greedy: bool = False
+) -> None:
+    """Padded rows (41, 23, 9 tokens) fed the same tokens for 6 steps: the
+    lean step's logits within `share` of the largest of the forward's (and
+    within `mean_share`, by default a sixth of that, on average), and, if
+    asked, the same greedy picks."""
+    mean_share = share / 6 if mean_share is None else mean_share
     with torch.inference_mode():
         theirs, token = _batch(model, [41, 23, 9])
         ours = theirs.select([0, 1, 2])  # a copy of the same cache
@@ -119,10 +130,10 @@ def test_lean_step_in_bfloat16_padded_rows_within_its_rounding(default_bf16):
             got = lean(token, ours.lengths()[:, None], ours.cache, ours.step_mask())
             theirs.grew(), ours.grew()
             diff, scale = (got.float() - want.float()).abs(), float(want.float().abs().max())
-            assert (
-                float(diff.max()) <= BF16_LOGIT_SHARE * scale
-                and float(diff.mean()) <= 0.005 * scale
-            )
+            assert float(diff.max()) <= share * scale
+            assert float(diff.mean()) <= mean_share * scale
+            if same_greedy:
+                assert torch.equal(got.argmax(-1), want.argmax(-1))
             token = want.argmax(-1, keepdim=True)
 
 
