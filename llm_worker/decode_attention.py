@@ -16,6 +16,7 @@ builds again rather than loading code for instructions it lacks.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import platform
@@ -78,36 +79,49 @@ def build_key() -> str:
 def load_kernel(cache_dir: str = "") -> Kernel | None:
     """The kernel, built on first use; None (and a logged reason) when it
     cannot be built or loaded here."""
-    key = build_key()
-    where = cache_root(cache_dir) / "kernels" / f"decode_attention-{key}"
     with _lock:
-        if where in _built:
-            return _built[where]
-        kernel: Kernel | None = None
         try:
-            from torch.utils import cpp_extension
+            where = cache_root(cache_dir) / "kernels" / f"decode_attention-{build_key()}"
+        except OSError as e:  # the source did not ship
+            log.warning(
+                "decode attention kernel unavailable; SDPA serves decode steps", error=str(e)
+            )
+            return None
+        if where not in _built:
+            _built[where] = _build(where)
+        return _built[where]
 
-            _put_ninja_on_path()
-            where.mkdir(parents=True, exist_ok=True)
-            # cpp_extension locks the build directory, so workers starting
-            # together build once; later starts load the library in ~1 s.
+
+def _build(where: Path) -> Kernel | None:
+    try:
+        from torch.utils import cpp_extension
+
+        _put_ninja_on_path()
+        where.mkdir(parents=True, exist_ok=True)
+        # Workers starting together build once: they queue on this flock,
+        # which the OS releases when its holder dies. cpp_extension's own lock
+        # is a file that a killed build leaves behind, and it waits on that
+        # file forever; under the flock no one else is building, so a file
+        # found there is such a leftover.
+        with open(where / "build.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (where / "lock").unlink(missing_ok=True)
             module = cpp_extension.load(
-                name=f"conveyor_decode_attention_{key}",
+                name=f"conveyor_decode_attention_{where.name.rsplit('-', 1)[-1]}",
                 sources=[str(SOURCE)],
                 extra_cflags=list(CFLAGS),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(where),
                 verbose=False,
             )
-            kernel = module.decode_attention
-            log.info("decode attention kernel ready", path=str(where))
-        except Exception as e:  # no compiler, no ninja, a failed build: SDPA serves
-            log.warning(
-                "decode attention kernel unavailable; SDPA serves decode steps",
-                error=f"{type(e).__name__}: {str(e)[-500:]}",
-            )
-        _built[where] = kernel
-        return kernel
+        log.info("decode attention kernel ready", path=str(where))
+        return module.decode_attention
+    except Exception as e:  # no compiler, no ninja, a failed build: SDPA serves
+        log.warning(
+            "decode attention kernel unavailable; SDPA serves decode steps",
+            error=f"{type(e).__name__}: {str(e)[-500:]}",
+        )
+        return None
 
 
 def _put_ninja_on_path() -> None:

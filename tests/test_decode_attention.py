@@ -82,14 +82,33 @@ def test_the_kernel_is_attention_on_each_rows_real_columns(kernel, dtype, dim, h
 @pytest.mark.parametrize(("columns", "start"), [(700, 5), (200, 198)], ids=["long", "empty part"])
 def test_a_lone_rows_columns_split_across_threads_merge_exactly(kernel, columns, start):
     """One row has as few items as kv heads, so its columns are cut into
-    parts (one may be empty when the row is short) and merged."""
+    parts (one is empty when the row is this short, at 2 threads or more)
+    and merged."""
     q, keys, values = _inputs(1, 9, 3, 64, columns, torch.float32, seed=1)
     starts = torch.tensor([start])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        got = kernel(q, keys, values, starts, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(
+        got.double(), _reference(q, keys, values, starts, 0.125), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_strided_queries_and_cache_rows_are_read_where_they_are(kernel, dtype):
+    """q's heads and the cache's columns further apart than the head dim
+    (views into wider tensors), as other cache layouts may hand them over."""
+    wide_q, wide_k, wide_v = _inputs(3, 9, 3, 128, 40, dtype, seed=3)
+    q, keys, values = wide_q[..., :64], wide_k[..., 64:], wide_v[..., :64]
+    assert q.stride(1) == 128 and keys.stride(2) == 128
+    starts = torch.tensor([0, 7, 39])
     torch.testing.assert_close(
         kernel(q, keys, values, starts, 0.125).double(),
         _reference(q, keys, values, starts, 0.125),
-        rtol=1e-5,
-        atol=1e-5,
+        **_TOLERANCE[dtype],
     )
 
 
@@ -115,6 +134,11 @@ def test_padding_is_skipped_not_masked(kernel):
         (lambda q, k, v, s: (q[:, :8], k, v, s), "heads per kv head"),
         (lambda q, k, v, s: (q, k, v, s.int()), "starts"),
         (lambda q, k, v, s: (q, k, v[:, :, :10], s), "shapes"),
+        (lambda q, k, v, s: (q[:0], k[:0], v[:0], s[:0]), "no rows"),
+        (
+            lambda q, k, v, s: (torch.cat([q] * 4, dim=1)[:, :34], k[:, :2], v[:, :2], s),
+            "heads per kv head",
+        ),
     ],
     ids=[
         "start past the end",
@@ -124,6 +148,8 @@ def test_padding_is_skipped_not_masked(kernel):
         "heads",
         "starts dtype",
         "shapes",
+        "no rows",
+        "17 heads per kv head",
     ],
 )
 def test_what_the_kernel_cannot_serve_is_a_clear_error(kernel, change, message):
@@ -139,6 +165,26 @@ def test_row_starts_reads_left_padding_and_refuses_anything_else():
     assert row_starts(mask, 3).tolist() == [0, 2, 3]
     assert row_starts(torch.tensor([[1, 0, 1, 1]]), 1) is None  # a hole
     assert row_starts(torch.tensor([[1, 1], [0, 0]]), 2) is None  # a row with nothing
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_start(kernel, monkeypatch):
+    """torch waits forever on the lock file a killed build leaves; the
+    loader's own flock (released by the OS) lets it clear that file."""
+    import threading
+
+    where = next(p for p in decode_attention._built if decode_attention._built[p] is not None)
+    (where / "lock").write_text("")
+    monkeypatch.setattr(decode_attention, "_built", {})
+    loaded: list = []
+    thread = threading.Thread(target=lambda: loaded.append(load_kernel()), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert loaded and loaded[0] is not None and not (where / "lock").exists()
+
+
+def test_a_missing_source_leaves_sdpa_serving(tmp_path, monkeypatch):
+    monkeypatch.setattr(decode_attention, "SOURCE", tmp_path / "gone.cpp")
+    assert load_kernel(str(tmp_path)) is None
 
 
 def test_a_kernel_that_does_not_build_leaves_sdpa_serving(tmp_path, monkeypatch, default_model_dir):

@@ -10,8 +10,9 @@
 //
 // Build: llm_worker/decode_attention.py compiles this once per machine
 // (-O3 -march=native -ffast-math -fopenmp) into the conveyor cache. GCC
-// vector extensions, so any x86-64 or ARM target compiles; 16-float vectors
-// are one AVX-512 register where the CPU has it.
+// vector extensions (GCC 12 or newer, or clang, for __builtin_shufflevector;
+// an older compiler fails the build and SDPA serves), so any x86-64 or ARM
+// target compiles; 16-float vectors are one AVX-512 register where the CPU has it.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -245,6 +246,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu() && starts.device().is_cpu(),
               "decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(), "decode_attention: shapes");
+  TORCH_CHECK(q.size(0) > 0 && q.size(1) > 0, "decode_attention: no rows or no heads");
   TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
               "decode_attention: one dtype for q, keys and values");
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
@@ -279,5 +281,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "one query per row against its cached keys and values");
+  // Without the GIL, as torch's own ops run: the worker's event loop streams
+  // tokens and answers health checks meanwhile.
+  m.def("decode_attention", &decode_attention, "one query per row against its cached keys and values",
+        py::call_guard<py::gil_scoped_release>());
 }
