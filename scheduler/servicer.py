@@ -125,6 +125,10 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
                 yield event_to_pb(out, run_id, sequence)
                 sequence += 1
             held = None
+            if _client_deadline_passed(event, context):
+                # Our timer and the client's race by a millisecond: the status
+                # says what the event says, whichever fired first.
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, event.message)
 
     def _check(self, request) -> None:
         """Bounds and enum values of the request's own fields, each failure
@@ -191,6 +195,14 @@ class ConveyorServicer(conveyor_pb2_grpc.ConveyorServiceServicer):
             envelopes=frozenset(envelopes) or default_envelopes(tools, model),
             timeout=remaining if remaining is not None else self.config.run_timeout,
         )
+
+
+def _client_deadline_passed(event, context) -> bool:
+    return (
+        isinstance(event, ev.RunFinished)
+        and event.finish_reason is FinishReason.DEADLINE_EXCEEDED
+        and context.time_remaining() is not None
+    )
 
 
 def _client_tool(spec: common_pb2.ToolSpec, where: str) -> ToolInfo:

@@ -129,11 +129,10 @@ async def test_a_deadline_stops_decoding_and_every_tool(stub, worker):
     before = descendant_pids()
     code = tag("python", {"code": "import time\ntime.sleep(30)\n"})
     request = run_request([code + FILLER * 4], PARTIAL)
-    try:
-        events = [e async for e in stub.Run(request, timeout=2.0)]
-        assert finished(events).finish_reason == common_pb2.FINISH_REASON_DEADLINE_EXCEEDED
-    except grpc.aio.AioRpcError as e:  # the client's own deadline may fire first
-        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Whichever timer fires first, ours or the client's, the status says so.
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        [e async for e in stub.Run(request, timeout=2.0)]
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(250):
         if engine.running == 0 and not (descendant_pids() - before):
             break
