@@ -57,8 +57,11 @@ def test_decode_step_quick_run_compares_both_steps(tmp_path, capsys):
     assert "| dtype | rows | transformers step | lean step |" in capsys.readouterr().out
     assert [r["rows"] for r in results["rows"] if r["dtype"] == "float32"] == [1, 2]
     for row in results["rows"]:
-        # Bit for bit but for padded bf16 rows (one attention kernel differs there).
-        assert row["identical_logits"] is (row["dtype"] == "float32" or row["rows"] == 1)
+        # Bit for bit but for padded bf16 rows, where one attention kernel
+        # differs: there within the bound (on some CPUs, an AMD EPYC Zen 4,
+        # its sums happened to land on the same floats).
+        if row["dtype"] == "float32" or row["rows"] == 1:
+            assert row["identical_logits"]
         assert row["max_logit_diff_share"] <= BF16_LOGIT_SHARE
         assert row["transformers_step_ms"] > 0 and row["lean_step_ms"] > 0
 
