@@ -21,6 +21,9 @@ On CPU its attention is, by default, a kernel of our own instead of SDPA
 another order, so those logits match the forward's to float rounding, not bit
 for bit (tests/test_decode_attention.py).
 
+Where the loader fused a layer's q/k/v and gate/up (llm_worker/fused_linear.py)
+the step calls the fused linears; the forward reads the same weights.
+
 Only decode steps take this path; prefills (many tokens, causal masks,
 chunks) stay on the transformers forward, and so does every model whose
 layers `unsupported_reason` does not know to be plain Llama layers.
@@ -28,6 +31,7 @@ layers `unsupported_reason` does not know to be plain Llama layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +48,7 @@ from llm_worker.config import (
     check_decode_step,
 )
 from llm_worker.decode_attention import Kernel
+from llm_worker.fused_linear import FUSIONS, fused_of
 
 log = structlog.get_logger("engine")
 
@@ -88,19 +93,29 @@ class ModelDecode:
         return out.logits[:, -1]
 
 
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class _Layer:
     """One decoder layer's parts, looked up once."""
 
     attn_norm: torch.Tensor
-    q: torch.nn.Module
-    k: torch.nn.Module
-    v: torch.nn.Module
+    qkv: Projection  # [q | k | v] along the last axis
     o: torch.nn.Module
     mlp_norm: torch.Tensor
-    gate: torch.nn.Module
-    up: torch.nn.Module
+    gate_up: Projection  # [gate | up]
     down: torch.nn.Module
+
+
+def _projection(owner: torch.nn.Module, fused_name: str, names: tuple[str, ...]) -> Projection:
+    """The layer's fused linear (llm_worker/fused_linear.py), or, where its
+    parts were left apart, their outputs concatenated: the same floats."""
+    fused = fused_of(owner, fused_name)
+    if fused is not None:
+        return fused
+    parts = [getattr(owner, n) for n in names]
+    return lambda x: torch.cat([p(x) for p in parts], dim=-1)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -179,16 +194,17 @@ class LeanDecode:
         # forward's at bfloat16's rounding (tests/test_decode_step.py bounds it).
         weight = self.embed.weight
         self.gqa_with_mask = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+        # Widths of [q | k] in the fused q/k/v output and of gate in [gate | up].
+        self.qk_width = (self.heads + self.heads // self.groups) * self.head_dim
+        self.intermediate = int(config.intermediate_size)
+        (attn, qkv, qkv_parts), (mlp, gate_up, gate_up_parts) = FUSIONS
         self.layers = [
             _Layer(
                 layer.input_layernorm.weight,
-                layer.self_attn.q_proj,
-                layer.self_attn.k_proj,
-                layer.self_attn.v_proj,
+                _projection(getattr(layer, attn), qkv, qkv_parts),
                 layer.self_attn.o_proj,
                 layer.post_attention_layernorm.weight,
-                layer.mlp.gate_proj,
-                layer.mlp.up_proj,
+                _projection(getattr(layer, mlp), gate_up, gate_up_parts),
                 layer.mlp.down_proj,
             )
             for layer in inner.layers
@@ -213,11 +229,12 @@ class LeanDecode:
             )
         for part, kv in zip(self.layers, cache.layers, strict=True):
             x = _rms_norm(h, part.attn_norm, self.eps)
+            qkv = part.qkv(x)
             # q's and k's heads rotated as one tensor: half the small ops.
-            qk = torch.cat((part.q(x), part.k(x)), dim=-1).view(rows, 1, -1, d).transpose(1, 2)
+            qk = qkv[..., : self.qk_width].view(rows, 1, -1, d).transpose(1, 2)
             qk = _rope(qk, cos, sin)
             q, k = qk[:, : self.heads], qk[:, self.heads :]
-            v = part.v(x).view(rows, 1, -1, d).transpose(1, 2)
+            v = qkv[..., self.qk_width :].view(rows, 1, -1, d).transpose(1, 2)
             keys, values = kv.update(k, v)
             if starts is not None:
                 out = self.kernel(q[:, :, 0], keys, values, starts, self.scale)
@@ -225,8 +242,9 @@ class LeanDecode:
                 out = self._attend(q, keys, values, attn_mask)
             h = h + part.o(out.view(rows, 1, -1))
             x = _rms_norm(h, part.mlp_norm, self.eps)
+            gate, up = part.gate_up(x).split(self.intermediate, dim=-1)
             # In place where a fresh tensor would only be freed again (the same floats).
-            gated = F.silu(part.gate(x), inplace=True).mul_(part.up(x))
+            gated = F.silu(gate).mul_(up)
             h = h.add_(part.down(gated))
         return self.lm_head(_rms_norm(h, self.final_norm, self.eps))[:, -1]
 

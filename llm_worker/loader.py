@@ -8,6 +8,8 @@ import structlog
 import torch
 
 from llm_worker.config import WorkerConfig
+from llm_worker.decode_step import unsupported_reason
+from llm_worker.fused_linear import fuse_projections
 from llm_worker.linear_probe import verdicts
 from llm_worker.model_cache import resolve
 from llm_worker.packed_linear import pack_linears
@@ -70,6 +72,8 @@ def load(config: WorkerConfig):
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device)
+        if config.decode_step != "transformers" and not unsupported_reason(model):
+            fuse_projections(model)  # the lean decode step's layout, before packing
         # CPU only; float32 is measured once on this machine (linear_probe.py).
         with verdicts(config.cache_dir) as probe:
             pack_linears(model, config.pack_linears, probe)

@@ -54,7 +54,9 @@ def test_decode_step_quick_run_compares_both_steps(tmp_path, capsys):
     out = tmp_path / "decode_step"
     assert step_main(["--quick", "--out", str(out)]) == 0  # 0: the logits agreed
     results = json.loads(out.with_name("decode_step.json").read_text(encoding="utf-8"))
-    assert "| dtype | rows | transformers step | lean step |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| dtype | rows | transformers step | lean step |" in printed
+    assert "| lean, linears apart | fusion speedup |" in printed
     assert [r["rows"] for r in results["rows"] if r["dtype"] == "float32"] == [1, 2]
     for row in results["rows"]:
         # Bit for bit but for padded bf16 rows, where one attention kernel
@@ -64,6 +66,10 @@ def test_decode_step_quick_run_compares_both_steps(tmp_path, capsys):
             assert row["identical_logits"]
         assert row["max_logit_diff_share"] <= BF16_LOGIT_SHARE
         assert row["transformers_step_ms"] > 0 and row["lean_step_ms"] > 0
+        # Fused projections against the same weights apart: a slice off by a
+        # column would be far outside bf16's rounding.
+        assert row["apart_step_ms"] > 0 and row["fusion_speedup"] > 0
+        assert row["fused_logit_diff_share"] <= BF16_LOGIT_SHARE
 
 
 def test_decode_attention_quick_run_compares_kernel_and_sdpa(tmp_path, capsys):

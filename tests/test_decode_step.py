@@ -18,6 +18,7 @@ from llm_worker.decode_step import (
     decode_step_for,
     unsupported_reason,
 )
+from llm_worker.fused_linear import LinearPart, fuse_projections
 from llm_worker.kv_batch import KVBatch
 from llm_worker.packed_linear import pack_linears
 
@@ -90,6 +91,38 @@ def test_lean_step_runs_packed_linears_unchanged(default_model_dir):
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     assert pack_linears(model, "on", _AlwaysPack()) > 0
     _assert_same(model, [33, 12], steps=4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_step_on_fused_packed_projections_as_the_worker_loads_them(default_model_dir, dtype):
+    """The loader's layout: q/k/v and gate/up fused, then packed. The lean
+    step calls the fused linears and the forward their parts: one weight,
+    the same logits bit for bit."""
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=dtype).eval()
+    layers = model.config.num_hidden_layers
+    assert fuse_projections(model) == 2 * layers
+    # Each layer: the two fused linears, o_proj and down_proj; and lm_head.
+    assert pack_linears(model, "on", _AlwaysPack()) == 4 * layers + 1
+    _assert_same(model, [33, 33] if dtype == torch.bfloat16 else [33, 12], steps=4)
+
+
+def test_lean_step_on_fused_qwen2_biases_and_a_layer_left_apart():
+    model = _tiny(_qwen2())
+    # One layer's k_proj is not a plain nn.Linear: that layer's q/k/v stay
+    # apart (the lean step concatenates their outputs), the rest are fused.
+    odd = type("OddLinear", (torch.nn.Linear,), {})
+    attn = model.model.layers[1].self_attn
+    plain_k = attn.k_proj
+    attn.k_proj = odd(plain_k.in_features, plain_k.out_features, bias=True)
+    attn.k_proj.load_state_dict(plain_k.state_dict())
+    assert fuse_projections(model) == 3
+    assert isinstance(model.model.layers[0].self_attn.k_proj, LinearPart)
+    assert type(attn.k_proj) is odd and not hasattr(attn, "qkv_proj")
+    _assert_same(model, [20, 7, 13])
+    mha = _tiny(_llama(num_key_value_heads=4))  # one group: [q | k | v] of equal widths
+    assert fuse_projections(mha) == 4
+    _assert_same(mha, [20, 7, 13])
 
 
 @pytest.fixture(scope="module")

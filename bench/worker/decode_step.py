@@ -1,19 +1,23 @@
 """The decode step itself, the lean loop (`--decode-step auto`) against the
-transformers forward (`--decode-step transformers`), on the model as the
-worker loads it (packing as `--pack-linears auto` decides), the same tokens
-and copies of one cache, in one run.
+transformers forward, on the model as the worker loads it (q/k/v and
+gate/up fused, packing as `--pack-linears auto` decides), and against the
+lean loop on the same weights with every linear apart (as
+`--decode-step transformers` loads them): the same tokens and copies of one
+cache, in one run.
 
     python -m bench.worker.decode_step [--rows 1,4,16] [--context 300]
                                        [--steps 10] [--rounds 8] [--quick]
                                        [--out bench/results/decode_step]
 
 For each dtype (float32, and bfloat16 on CPUs with native bf16) and batch
-size, both steps decode from copies of one batch (rows of
-`--context` tokens and fewer, left-padded as the engine pads them), alternating every
-`--steps` steps for `--rounds` rounds (drift in a shared machine hits
-both); each reports its median step, and the run checks that the two
-computed the same logits at the end of every round (padded bf16 rows, where
-one attention kernel differs: within bf16's rounding, `BF16_LOGIT_SHARE`).
+size, the three ways decode from copies of one batch (rows of `--context`
+tokens and fewer, left-padded as the engine pads them), alternating every
+`--steps` steps for `--rounds` rounds (drift in a shared machine hits all
+three); each reports its median step. The run checks that the lean step
+computed the forward's logits at the end of every round (padded bf16 rows,
+where one attention kernel differs: within bf16's rounding,
+`BF16_LOGIT_SHARE`), and reports whether the fused linears gave the same
+logits as the linears apart.
 """
 
 from __future__ import annotations
@@ -27,31 +31,53 @@ from collections.abc import Sequence
 from bench import common
 
 
-def measure(model, ids: list[int], rows: int, steps: int, rounds: int) -> dict:
-    """Median step (ms) of each way, and whether every step's logits matched."""
+def _prefilled(model, ids: list[int], rows: int):
+    """Rows of different lengths, prefilled alone and left-padded into one
+    batch, as the engine's are; and each row's first greedy token."""
+    import torch
+
+    from llm_worker.kv_batch import KVBatch
+
+    device = model.get_input_embeddings().weight.device
+    alone, first = [], []
+    for i in range(rows):
+        out = model(input_ids=torch.tensor([ids[: len(ids) - 3 * i]], device=device))
+        alone.append(KVBatch.single(out.past_key_values))
+        first.append(out.logits[:, -1:].argmax(-1))
+    return KVBatch.concat(alone), torch.cat(first)
+
+
+def _share(ours, theirs) -> float:
+    """The largest logit difference, as a share of the largest logit."""
+    ours, theirs = ours.float(), theirs.float()
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+def measure(model, apart, ids: list[int], rows: int, steps: int, rounds: int) -> dict:
+    """Median step (ms) of each way, and whether their logits matched at the
+    end of every round. `model` is the worker's (projections fused), `apart`
+    the same weights with every linear on its own (`lean_apart`)."""
     import torch
 
     from llm_worker.decode_step import LeanDecode, ModelDecode
-    from llm_worker.kv_batch import KVBatch
 
-    ways = {"transformers": ModelDecode(model), "lean": LeanDecode(model)}
-    device = model.get_input_embeddings().weight.device
+    ways = {
+        "transformers": (model, ModelDecode(model)),
+        "lean": (model, LeanDecode(model)),
+        "lean_apart": (apart, LeanDecode(apart)),
+    }
     with torch.inference_mode():
-        # Rows of different lengths, prefilled alone and left-padded into one
-        # batch, as the engine's are.
-        alone, first = [], []
-        for i in range(rows):
-            out = model(input_ids=torch.tensor([ids[: len(ids) - 3 * i]], device=device))
-            alone.append(KVBatch.single(out.past_key_values))
-            first.append(out.logits[:, -1:].argmax(-1))
-        batch = KVBatch.concat(alone)
-        batches = {name: batch.select(list(range(rows))) for name in ways}  # own copies
-        tokens = dict.fromkeys(ways, torch.cat(first))
+        prefilled = {id(m): _prefilled(m, ids, rows) for m in (model, apart)}
+        batches, tokens = {}, {}
+        for name, (m, _) in ways.items():
+            batch, first = prefilled[id(m)]
+            batches[name] = batch.select(list(range(rows)))  # own copies
+            tokens[name] = first
         times: dict[str, list[float]] = {name: [] for name in ways}
-        identical, worst = True, 0.0
+        identical, fused_identical, worst, fused_worst = True, True, 0.0, 0.0
         for _ in range(rounds):
             logits = {}
-            for name, step in ways.items():
+            for name, (_, step) in ways.items():
                 kv = batches[name]
                 for _ in range(steps):
                     start = time.perf_counter()
@@ -63,17 +89,21 @@ def measure(model, ids: list[int], rows: int, steps: int, rounds: int) -> dict:
                 logits[name] = out
             identical &= torch.equal(logits["lean"], logits["transformers"])
             # Padded bf16 rows on CPU differ at bf16's rounding (decode_step.py).
-            ours, theirs = logits["lean"].float(), logits["transformers"].float()
-            worst = max(worst, float((ours - theirs).abs().max() / theirs.abs().max()))
-    plain = statistics.median(times["transformers"]) * 1000
-    lean = statistics.median(times["lean"]) * 1000
+            worst = max(worst, _share(logits["lean"], logits["transformers"]))
+            fused_identical &= torch.equal(logits["lean"], logits["lean_apart"])
+            fused_worst = max(fused_worst, _share(logits["lean"], logits["lean_apart"]))
+    ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
     return {
         "rows": rows,
-        "transformers_step_ms": plain,
-        "lean_step_ms": lean,
-        "speedup": plain / lean,
+        "transformers_step_ms": ms["transformers"],
+        "lean_step_ms": ms["lean"],
+        "speedup": ms["transformers"] / ms["lean"],
         "identical_logits": identical,
         "max_logit_diff_share": worst,  # of the largest logit, at rounds' ends
+        "apart_step_ms": ms["lean_apart"],
+        "fusion_speedup": ms["lean_apart"] / ms["lean"],
+        "fused_identical_logits": fused_identical,
+        "fused_logit_diff_share": fused_worst,
     }
 
 
@@ -91,11 +121,13 @@ def run(
     label = ""
     for dtype in dtypes:
         model, tokenizer, label = load(WorkerConfig(dtype=dtype))
+        # --decode-step transformers loads the linears apart (fused_linear.py).
+        apart, _, _ = load(WorkerConfig(dtype=dtype, decode_step="transformers"))
         ids = tokenizer.encode(text, add_special_tokens=False)[:context]
         for n in rows:
             say(f"{dtype}, {n} rows")
-            results.append({"dtype": dtype, **measure(model, ids, n, steps, rounds)})
-        del model
+            results.append({"dtype": dtype, **measure(model, apart, ids, n, steps, rounds)})
+        del model, apart
     return {
         "benchmark": "decode_step",
         "date": common.now(),
@@ -120,14 +152,21 @@ def markdown(results: dict) -> str:
         f"{c['threads']} threads, {c['model']}, {c['context']}-token context; "
         f"median of {c['rounds']}×{c['steps']} alternating steps each.",
         "",
-        "| dtype | rows | transformers step | lean step | speedup | same logits |",
-        "|---|---|---|---|---|---|",
+        "| dtype | rows | transformers step | lean step | speedup | same logits "
+        "| lean, linears apart | fusion speedup | fused: same logits |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
+        fused_same = (
+            "yes"
+            if r["fused_identical_logits"]
+            else f"within {r['fused_logit_diff_share']:.1%} of the largest logit"
+        )
         lines.append(
             f"| {r['dtype']} | {r['rows']} | {r['transformers_step_ms']:.1f} ms "
             f"| {r['lean_step_ms']:.1f} ms | {r['speedup']:.2f}× "
-            f"| {_same(r)} |"
+            f"| {_same(r)} | {r['apart_step_ms']:.1f} ms | {r['fusion_speedup']:.2f}× "
+            f"| {fused_same} |"
         )
     return "\n".join(lines) + "\n"
 
