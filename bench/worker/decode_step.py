@@ -10,8 +10,9 @@ cache, in one run.
                                        [--out bench/results/decode_step]
 
 For each dtype (float32, and bfloat16 on CPUs with native bf16) and batch
-size, the three ways decode from copies of one batch (rows of `--context`
-tokens and fewer, left-padded as the engine pads them), alternating every
+size, the three ways decode the same tokens (the forward's greedy picks)
+from copies of one batch (rows of `--context` tokens and fewer, left-padded
+as the engine pads them), alternating every
 `--steps` steps for `--rounds` rounds (drift in a shared machine hits all
 three); each reports its median step. The run checks that the lean step
 computed the forward's logits at the end of every round (padded bf16 rows,
@@ -68,24 +69,30 @@ def measure(model, apart, ids: list[int], rows: int, steps: int, rounds: int) ->
     }
     with torch.inference_mode():
         prefilled = {id(m): _prefilled(m, ids, rows) for m in (model, apart)}
-        batches, tokens = {}, {}
-        for name, (m, _) in ways.items():
-            batch, first = prefilled[id(m)]
-            batches[name] = batch.select(list(range(rows)))  # own copies
-            tokens[name] = first
+        batches = {
+            name: prefilled[id(m)][0].select(list(range(rows))) for name, (m, _) in ways.items()
+        }
+        # Every way is fed the forward's greedy tokens (it runs first in each
+        # round): rows whose bf16 rounding picks another token would otherwise
+        # decode other text, and their logits compare nothing.
+        token = prefilled[id(model)][1]
         times: dict[str, list[float]] = {name: [] for name in ways}
         identical, fused_identical, worst, fused_worst = True, True, 0.0, 0.0
         for _ in range(rounds):
-            logits = {}
+            logits, fed = {}, []
             for name, (_, step) in ways.items():
                 kv = batches[name]
-                for _ in range(steps):
+                for i in range(steps):
                     start = time.perf_counter()
-                    out = step(tokens[name], kv.lengths()[:, None], kv.cache, kv.step_mask())
+                    tokens = fed[i] if name != "transformers" else token
+                    out = step(tokens, kv.lengths()[:, None], kv.cache, kv.step_mask())
                     kv.grew()
-                    tokens[name] = out.argmax(-1, keepdim=True)
-                    tokens[name].tolist()  # waits for the device, as the engine does
+                    picked = out.argmax(-1, keepdim=True)
+                    picked.tolist()  # waits for the device, as the engine does
                     times[name].append(time.perf_counter() - start)
+                    if name == "transformers":
+                        fed.append(token)
+                        token = picked
                 logits[name] = out
             identical &= torch.equal(logits["lean"], logits["transformers"])
             # Padded bf16 rows on CPU differ at bf16's rounding (decode_step.py).
