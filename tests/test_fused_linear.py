@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llm_worker.config import WorkerConfig
 from llm_worker.fused_linear import FusedLinear, LinearPart, fuse_projections
 from llm_worker.loader import load
+from tests.test_decode_step import _llama, _tiny
 
 
 def _linears(bias: bool, dtype=torch.float32) -> list[torch.nn.Linear]:
@@ -63,17 +63,7 @@ def test_the_forward_computes_the_fused_output_once_per_input():
 
 
 def _tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    return _tiny(_llama(num_hidden_layers=3))
 
 
 def _greedy(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
