@@ -138,7 +138,8 @@ bench-parsers: proto
 # DynamicCache; writes bench/results/kv_cache.{md,json}. Then the lean decode
 # step against the transformers forward; writes bench/results/decode_step.{md,json}.
 # Then decode attention alone, the CPU kernel against SDPA; writes
-# bench/results/decode_attention.{md,json}.
+# bench/results/decode_attention.{md,json}. Then decode linears alone, the CPU
+# kernel against torch's; writes bench/results/decode_linear.{md,json}.
 bench-worker: proto
 	$(PY) -m bench.worker $(BENCH_ARGS)
 	@if [ -x $(VLLM_VENV)/bin/python ]; then $(PY) -m bench.worker.engines $(BENCH_ARGS); \
@@ -148,6 +149,7 @@ bench-worker: proto
 	$(PY) -m bench.worker.kv_cache $(BENCH_ARGS)
 	$(PY) -m bench.worker.decode_step $(BENCH_ARGS)
 	$(PY) -m bench.worker.decode_attention $(BENCH_ARGS)
+	$(PY) -m bench.worker.decode_linear $(BENCH_ARGS)
 
 # Coverage-guided fuzzing of the parsers (CI runs the hypothesis versions).
 fuzz: proto

@@ -27,6 +27,17 @@ def check_decode_attention(mode: str) -> None:
         )
 
 
+# --decode-linear, the first the default; what each does: llm_worker/decode_linear.py
+DECODE_LINEARS = ("auto", "torch")
+
+
+def check_decode_linear(mode: str) -> None:
+    if mode not in DECODE_LINEARS:
+        raise ValueError(
+            f"--decode-linear must be one of {', '.join(DECODE_LINEARS)}, not {mode!r}"
+        )
+
+
 def check_decode_step(mode: str) -> None:
     if mode not in DECODE_STEPS:
         raise ValueError(f"--decode-step must be one of {', '.join(DECODE_STEPS)}, not {mode!r}")
@@ -103,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(needs a C++ compiler; SDPA where it does not build); sdpa: torch's SDPA",
     )
     p.add_argument(
+        "--decode-linear",
+        default=DECODE_LINEARS[0],
+        choices=list(DECODE_LINEARS),
+        help="auto: CPU linears at decode batch sizes run on a kernel built once per machine "
+        "(needs a C++ compiler; torch's linears where it does not build); torch: torch's "
+        "linears (packed per --pack-linears)",
+    )
+    p.add_argument(
         "--cache-dir", default="", help="model conversion cache (default ~/.cache/conveyor)"
     )
     p.add_argument("--max-new-tokens", type=int, default=512, help="default per request")
@@ -169,6 +188,7 @@ class WorkerConfig:
     pack_linears: str = "auto"  # auto | on | off (llm_worker/packed_linear.py)
     decode_step: str = DECODE_STEPS[0]  # llm_worker/decode_step.py
     decode_attention: str = DECODE_ATTENTIONS[0]  # llm_worker/decode_attention.py
+    decode_linear: str = DECODE_LINEARS[0]  # llm_worker/decode_linear.py
     cache_dir: str = ""
     max_new_tokens: int = 512
     max_queue: int = 64
@@ -195,6 +215,7 @@ class WorkerConfig:
             )
         check_decode_step(self.decode_step)
         check_decode_attention(self.decode_attention)
+        check_decode_linear(self.decode_linear)
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be 0 (off) or more, not {self.prefill_chunk}")
         for name in ("engine_connect_timeout", "engine_read_timeout"):
@@ -216,6 +237,7 @@ class WorkerConfig:
             pack_linears=ns.pack_linears,
             decode_step=ns.decode_step,
             decode_attention=ns.decode_attention,
+            decode_linear=ns.decode_linear,
             cache_dir=ns.cache_dir,
             max_new_tokens=ns.max_new_tokens,
             max_queue=ns.max_queue,

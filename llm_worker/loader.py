@@ -8,6 +8,7 @@ import structlog
 import torch
 
 from llm_worker.config import WorkerConfig
+from llm_worker.decode_linear import use_decode_linears
 from llm_worker.decode_step import unsupported_reason
 from llm_worker.fused_linear import fuse_projections
 from llm_worker.linear_probe import verdicts
@@ -74,6 +75,8 @@ def load(config: WorkerConfig):
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device)
         if config.decode_step != "transformers" and not unsupported_reason(model):
             fuse_projections(model)  # the lean decode step's layout, before packing
+        # Before packing, which leaves the kernel's linears alone (one copy each).
+        use_decode_linears(model, config.decode_linear, config.cache_dir)
         # CPU only; float32 is measured once on this machine (linear_probe.py).
         with verdicts(config.cache_dir) as probe:
             pack_linears(model, config.pack_linears, probe)

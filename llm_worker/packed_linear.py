@@ -155,6 +155,8 @@ def pack_linears(model: torch.nn.Module, mode: str = "auto", probe: Probe | None
     if mode not in PACK_MODES:
         raise ValueError(f"pack mode must be one of {', '.join(PACK_MODES)}, not {mode!r}")
     dtypes = _dtypes(mode)
+    if not any(_packable(m, dtypes) for m in model.modules()):
+        return 0  # e.g. every linear on the decode-linear kernel (decode_linear.py)
     measure = False
     if mode == "auto" and torch.float32 in dtypes:
         verdict = probe.known(model) if probe is not None else False

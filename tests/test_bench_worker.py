@@ -70,6 +70,30 @@ def test_decode_step_quick_run_compares_both_steps(tmp_path, capsys):
         # column would be far outside bf16's rounding.
         assert row["apart_step_ms"] > 0 and row["fusion_speedup"] > 0
         assert row["fused_logit_diff_share"] <= BF16_LOGIT_SHARE
+        # The decode-linear kernel against torch's linears: float rounding,
+        # in bf16 each linear's outputs rounded once more over 30 layers (up
+        # to 3.0 % of the largest logit seen at 4 and 16 rows); a transposed
+        # or shifted weight would be off by whole logits.
+        assert row["torch_linears_step_ms"] > 0 and row["kernel_speedup"] > 0
+        bound = 1e-4 if row["dtype"] == "float32" else 2 * BF16_LOGIT_SHARE
+        assert row["kernel_logit_diff_share"] <= bound
+
+
+def test_decode_linear_quick_run_compares_the_kernel_with_torchs_linears(tmp_path, capsys):
+    from bench.worker.decode_linear import main as linear_main
+
+    out = tmp_path / "decode_linear"
+    assert linear_main(["--quick", "--out", str(out)]) == 0  # 0: every way agreed
+    results = json.loads(out.with_name("decode_linear.json").read_text(encoding="utf-8"))
+    assert (
+        "| dtype | rows | weights | torch plain | torch packed | kernel |"
+        in capsys.readouterr().out
+    )
+    assert results["bandwidth_gbs"] > 0
+    assert [r["rows"] for r in results["rows"] if r["dtype"] == "float32"] == [1, 4]
+    for row in results["rows"]:
+        assert row["agrees"] and row["weight_mb"] > 100  # the whole step's weights
+        assert min(row["plain_ms"], row["packed_ms"], row["kernel_ms"]) > 0
 
 
 def test_decode_attention_quick_run_compares_kernel_and_sdpa(tmp_path, capsys):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_worker import decode_attention
+from llm_worker import cpp_kernel, decode_attention
 from llm_worker.decode_attention import load_kernel, row_starts
 from llm_worker.decode_step import BF16_LOGIT_SHARE, LeanDecode, decode_step_for
 from tests.test_decode_step import assert_within_rounding
@@ -172,9 +172,9 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_start(kernel
     loader's own flock (released by the OS) lets it clear that file."""
     import threading
 
-    where = next(p for p in decode_attention._built if decode_attention._built[p] is not None)
+    where = cpp_kernel.built_at("decode_attention")
     (where / "lock").write_text("")
-    monkeypatch.setattr(decode_attention, "_built", {})
+    monkeypatch.setattr(cpp_kernel, "_built", {})
     loaded: list = []
     thread = threading.Thread(target=lambda: loaded.append(load_kernel()), daemon=True)
     thread.start()

@@ -1,24 +1,26 @@
 """The decode step itself, the lean loop (`--decode-step auto`) against the
 transformers forward, on the model as the worker loads it (q/k/v and
-gate/up fused, packing as `--pack-linears auto` decides), and against the
-lean loop on the same weights with every linear apart (as
-`--decode-step transformers` loads them): the same tokens and copies of one
-cache, in one run.
+gate/up fused, linears on the decode-linear kernel where it builds); against
+the lean loop on the same weights with every linear apart (as
+`--decode-step transformers` loads them); and against the lean loop on
+torch's linears (`--decode-linear torch`, packed as `--pack-linears auto`
+decides): the same tokens and copies of one cache, in one run.
 
     python -m bench.worker.decode_step [--rows 1,4,16] [--context 300]
                                        [--steps 10] [--rounds 8] [--quick]
                                        [--out bench/results/decode_step]
 
 For each dtype (float32, and bfloat16 on CPUs with native bf16) and batch
-size, the three ways decode the same tokens (the forward's greedy picks)
+size, the four ways decode the same tokens (the forward's greedy picks)
 from copies of one batch (rows of `--context` tokens and fewer, left-padded
-as the engine pads them), alternating every
-`--steps` steps for `--rounds` rounds (drift in a shared machine hits all
-three); each reports its median step. The run checks that the lean step
-computed the forward's logits at the end of every round (padded bf16 rows,
-where one attention kernel differs: within bf16's rounding,
-`BF16_LOGIT_SHARE`), and reports whether the fused linears gave the same
-logits as the linears apart.
+as the engine pads them), alternating every `--steps` steps for `--rounds`
+rounds (drift in a shared machine hits all four); each reports its median
+step. The run checks that the lean step computed the forward's logits at
+the end of every round (padded bf16 rows, where one attention kernel
+differs: within bf16's rounding, `BF16_LOGIT_SHARE`), reports whether the
+fused linears gave the same logits as the linears apart, and how far the
+kernel's logits are from torch's linears' (float rounding: sums in another
+order).
 """
 
 from __future__ import annotations
@@ -54,10 +56,14 @@ def _share(ours, theirs) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
-def measure(model, apart, ids: list[int], rows: int, steps: int, rounds: int) -> dict:
+def measure(
+    model, apart, torch_linears, ids: list[int], rows: int, steps: int, rounds: int
+) -> dict:
     """Median step (ms) of each way, and whether their logits matched at the
-    end of every round. `model` is the worker's (projections fused), `apart`
-    the same weights with every linear on its own (`lean_apart`)."""
+    end of every round. `model` is the worker's (projections fused, linears
+    on the decode-linear kernel where it builds), `apart` the same weights
+    with every linear on its own (`lean_apart`), `torch_linears` the worker's
+    layout on torch's linears, packed as `--pack-linears auto` decides."""
     import torch
 
     from llm_worker.decode_step import LeanDecode, ModelDecode
@@ -66,9 +72,10 @@ def measure(model, apart, ids: list[int], rows: int, steps: int, rounds: int) ->
         "transformers": (model, ModelDecode(model)),
         "lean": (model, LeanDecode(model)),
         "lean_apart": (apart, LeanDecode(apart)),
+        "lean_torch_linears": (torch_linears, LeanDecode(torch_linears)),
     }
     with torch.inference_mode():
-        prefilled = {id(m): _prefilled(m, ids, rows) for m in (model, apart)}
+        prefilled = {id(m): _prefilled(m, ids, rows) for m in (model, apart, torch_linears)}
         batches = {
             name: prefilled[id(m)][0].select(list(range(rows))) for name, (m, _) in ways.items()
         }
@@ -77,7 +84,7 @@ def measure(model, apart, ids: list[int], rows: int, steps: int, rounds: int) ->
         # decode other text, and their logits compare nothing.
         token = prefilled[id(model)][1]
         times: dict[str, list[float]] = {name: [] for name in ways}
-        identical, fused_identical, worst, fused_worst = True, True, 0.0, 0.0
+        identical, fused_identical, worst, fused_worst, kernel_worst = True, True, 0.0, 0.0, 0.0
         for _ in range(rounds):
             logits, fed = {}, []
             for name, (_, step) in ways.items():
@@ -99,6 +106,7 @@ def measure(model, apart, ids: list[int], rows: int, steps: int, rounds: int) ->
             worst = max(worst, _share(logits["lean"], logits["transformers"]))
             fused_identical &= torch.equal(logits["lean"], logits["lean_apart"])
             fused_worst = max(fused_worst, _share(logits["lean"], logits["lean_apart"]))
+            kernel_worst = max(kernel_worst, _share(logits["lean"], logits["lean_torch_linears"]))
     ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
     return {
         "rows": rows,
@@ -111,6 +119,9 @@ def measure(model, apart, ids: list[int], rows: int, steps: int, rounds: int) ->
         "fusion_speedup": ms["lean_apart"] / ms["lean"],
         "fused_identical_logits": fused_identical,
         "fused_logit_diff_share": fused_worst,
+        "torch_linears_step_ms": ms["lean_torch_linears"],
+        "kernel_speedup": ms["lean_torch_linears"] / ms["lean"],
+        "kernel_logit_diff_share": kernel_worst,
     }
 
 
@@ -130,11 +141,14 @@ def run(
         model, tokenizer, label = load(WorkerConfig(dtype=dtype))
         # --decode-step transformers loads the linears apart (fused_linear.py).
         apart, _, _ = load(WorkerConfig(dtype=dtype, decode_step="transformers"))
+        torch_linears, _, _ = load(WorkerConfig(dtype=dtype, decode_linear="torch"))
         ids = tokenizer.encode(text, add_special_tokens=False)[:context]
         for n in rows:
             say(f"{dtype}, {n} rows")
-            results.append({"dtype": dtype, **measure(model, apart, ids, n, steps, rounds)})
-        del model, apart
+            results.append(
+                {"dtype": dtype, **measure(model, apart, torch_linears, ids, n, steps, rounds)}
+            )
+        del model, apart, torch_linears
     return {
         "benchmark": "decode_step",
         "date": common.now(),
@@ -160,8 +174,9 @@ def markdown(results: dict) -> str:
         f"median of {c['rounds']}×{c['steps']} alternating steps each.",
         "",
         "| dtype | rows | transformers step | lean step | speedup | same logits "
-        "| lean, linears apart | fusion speedup | fused: same logits |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| lean, linears apart | fusion speedup | fused: same logits "
+        "| lean, torch's linears | kernel speedup | kernel: logits within |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         fused_same = (
@@ -173,7 +188,8 @@ def markdown(results: dict) -> str:
             f"| {r['dtype']} | {r['rows']} | {r['transformers_step_ms']:.1f} ms "
             f"| {r['lean_step_ms']:.1f} ms | {r['speedup']:.2f}× "
             f"| {_same(r)} | {r['apart_step_ms']:.1f} ms | {r['fusion_speedup']:.2f}× "
-            f"| {fused_same} |"
+            f"| {fused_same} | {r['torch_linears_step_ms']:.1f} ms | {r['kernel_speedup']:.2f}× "
+            f"| {r['kernel_logit_diff_share']:.1%} of the largest logit |"
         )
     return "\n".join(lines) + "\n"
 
