@@ -92,3 +92,26 @@ def publish(results: dict, out: str | Path, markdown: str) -> tuple[Path, Path]:
     print(markdown, end="")
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)
     return md_path, json_path
+
+
+def kernel_bench_args(
+    argv, prog: str, doc: str, rows: str, rounds: int, rows_help: str = ""
+) -> tuple[list[int], int, str]:
+    """The flags the kernel benches share (`--rows`, `--rounds`, `--quick`:
+    rows 1 and 4, 2 rounds; `--out`); returns (rows, rounds, out)."""
+    import argparse
+
+    name = prog.rsplit(".", 1)[-1]
+    ap = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n")[0])
+    ap.add_argument("--rows", default=rows, help=rows_help or "rows per step, comma-separated")
+    ap.add_argument("--rounds", type=int, default=rounds, help="alternating rounds per way")
+    ap.add_argument("--quick", action="store_true", help="rows 1 and 4, 2 rounds")
+    ap.add_argument("--out", default=f"bench/results/{name}", help="writes <out>.md and .json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        return [1, 4], 2, args.out
+    try:
+        return [int(r) for r in args.rows.split(",")], args.rounds, args.out
+    except ValueError:
+        ap.error(f"--rows: comma-separated counts, not {args.rows!r}")
+        raise  # unreachable: error() exits

@@ -16,7 +16,6 @@ checks the two agree within the dtype's rounding.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -128,20 +127,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llm_worker.decode_attention import load_kernel
     from llm_worker.loader import cpu_has_native_bf16
 
-    ap = argparse.ArgumentParser(
-        prog="python -m bench.worker.decode_attention", description=__doc__.split("\n")[0]
+    rows, rounds, out = common.kernel_bench_args(
+        argv,
+        "bench.worker.decode_attention",
+        __doc__,
+        "1,16",
+        15,
+        "rows per step, comma-separated (at most 16)",
     )
-    ap.add_argument("--rows", default="1,16", help="rows per step, comma-separated (at most 16)")
-    ap.add_argument("--rounds", type=int, default=15, help="alternating rounds per way")
-    ap.add_argument("--quick", action="store_true", help="rows 1 and 4, 2 rounds")
-    ap.add_argument(
-        "--out", default="bench/results/decode_attention", help="writes <out>.md and .json"
-    )
-    args = ap.parse_args(argv)
-    rows = [1, 4] if args.quick else [int(r) for r in args.rows.split(",")]
-    rounds = 2 if args.quick else args.rounds
     if any(not 1 <= r <= len(PROMPT_TOKENS) for r in rows):
-        ap.error(f"--rows: each between 1 and {len(PROMPT_TOKENS)}")
+        print(f"--rows: each between 1 and {len(PROMPT_TOKENS)}", file=sys.stderr)
+        return 2
     kernel = load_kernel()
     if kernel is None:
         print("the decode-attention kernel did not build here (see the log)", file=sys.stderr)
@@ -160,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": rounds,
         "rows": measured,
     }
-    common.publish(results, args.out, markdown(results))
+    common.publish(results, out, markdown(results))
     return 0 if all(r["agrees"] for r in measured) else 1
 
 

@@ -18,7 +18,6 @@ rounding.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -126,25 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llm_worker.decode_linear import load_kernel
     from llm_worker.loader import cpu_has_native_bf16, load
 
-    ap = argparse.ArgumentParser(
-        prog="python -m bench.worker.decode_linear", description=__doc__.split("\n")[0]
+    rows, rounds, out = common.kernel_bench_args(
+        argv, "bench.worker.decode_linear", __doc__, "1,2,4,8,16", 9
     )
-    ap.add_argument("--rows", default="1,2,4,8,16", help="rows per step, comma-separated")
-    ap.add_argument("--rounds", type=int, default=9, help="alternating rounds per way")
-    ap.add_argument("--quick", action="store_true", help="rows 1 and 4, 2 rounds")
-    ap.add_argument(
-        "--out", default="bench/results/decode_linear", help="writes <out>.md and .json"
-    )
-    args = ap.parse_args(argv)
-    rows = [1, 4] if args.quick else [int(r) for r in args.rows.split(",")]
-    rounds = 2 if args.quick else args.rounds
     kernel = load_kernel()
     if kernel is None:
         print("the decode-linear kernel did not build here (see the log)", file=sys.stderr)
         return 1
     say = common.progress("decode_linear")
     dtypes = ["float32", *(["bfloat16"] if cpu_has_native_bf16() else [])]
-    bandwidth = memory_bandwidth_gbs(256 if args.quick else 1024)
+    bandwidth = memory_bandwidth_gbs()
     measured, label = [], ""
     for dtype in dtypes:
         # The worker's layout (q/k/v and gate/up fused), every linear plain.
@@ -164,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": rounds,
         "rows": measured,
     }
-    common.publish(results, args.out, markdown(results))
+    common.publish(results, out, markdown(results))
     return 0 if all(r["agrees"] for r in measured) else 1
 
 
