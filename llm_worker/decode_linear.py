@@ -63,7 +63,9 @@ class KernelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > self.max_rows or x.requires_grad:
+        # The kernel records no gradient: where autograd would, torch serves.
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if rows > self.max_rows or wants_grad:
             return F.linear(x, self.weight, self.bias)
         out = self.kernel(x.reshape(rows, self.in_features), self.weight, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)

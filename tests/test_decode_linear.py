@@ -120,6 +120,16 @@ def test_kernel_linear_sends_decode_rows_to_the_kernel_and_prefills_to_torch(ker
         assert torch.equal(wrapped(large), F.linear(large, linear.weight, linear.bias))
 
 
+def test_kernel_linear_leaves_autograd_to_torch(kernel):
+    """Outside inference mode (the engine decodes inside it) a weight that
+    wants gradients goes to F.linear, which records them."""
+    linear = torch.nn.Linear(64, 16)
+    out = KernelLinear(linear, kernel)(torch.randn(2, 64))
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert linear.weight.grad is not None
+
+
 def test_use_decode_linears_swaps_every_servable_linear_and_packing_leaves_them(kernel):
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 32),
