@@ -34,7 +34,8 @@ _lock = threading.Lock()
 _built: dict[Path, ModuleType | None] = {}
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """This CPU's feature flags line from /proc/cpuinfo (or a stand-in)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -51,7 +52,7 @@ def build_key(source: Path) -> str:
     h = hashlib.sha256(source.read_bytes())
     for header in sorted(source.parent.glob("*.h")):
         h.update(header.read_bytes())
-    for part in (*CFLAGS, torch.__version__, sys.version, _cpu_flags()):
+    for part in (*CFLAGS, torch.__version__, sys.version, cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 

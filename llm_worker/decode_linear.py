@@ -7,8 +7,9 @@ oneDNN's small gemms, packed or not) streamed them at a third to a half of
 what a plain sum reads on the 2-core machines this runs on (README, issue
 14); the kernel walks each thread's contiguous run of weight rows once.
 
-`--decode-linear auto` (the default) swaps each CPU `nn.Linear` of a
-supported dtype for a `KernelLinear` at load, before packing
+`--decode-linear auto` (the default) swaps, on CPUs with AVX-512 (where it
+was measured; `cpu_has_avx512`), each CPU `nn.Linear` of a supported dtype
+for a `KernelLinear` at load, before packing
 (llm_worker/packed_linear.py leaves these alone: one copy of each weight).
 A `KernelLinear` sends inputs of up to `MAX_ROWS` rows (decode steps) to the
 kernel and larger ones (prefills, where the matrix math is compute-bound and
@@ -71,6 +72,14 @@ class KernelLinear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def cpu_has_avx512() -> bool:
+    """The kernel's tiles hold 16 + 5 vectors of 16 floats: 21 of AVX-512's
+    32 registers. With AVX2's 16 registers of half the width they would
+    spill, and it was measured only on AVX-512 CPUs (Zen 4), so elsewhere
+    torch's linears serve."""
+    return "avx512f" in cpp_kernel.cpu_flags().split()
+
+
 def _servable(module: torch.nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (
@@ -90,6 +99,9 @@ def use_decode_linears(model: torch.nn.Module, mode: str = "auto", cache_dir: st
     `torch`, on GPU, or where the kernel does not build)."""
     check_decode_linear(mode)
     if mode == "torch":
+        return 0
+    if not cpu_has_avx512():
+        log.info("linears stay on torch: the decode-linear kernel is tuned for AVX-512 CPUs")
         return 0
     targets = [
         (parent, name, child)

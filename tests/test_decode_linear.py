@@ -34,6 +34,14 @@ def kernel():
     return built
 
 
+@pytest.fixture
+def avx512(monkeypatch):
+    """The swap as on an AVX-512 CPU, whatever this one is: the kernel
+    itself builds and computes the same on AVX2 (only its speed there is
+    unmeasured)."""
+    monkeypatch.setattr(decode_linear, "cpu_has_avx512", lambda: True)
+
+
 def _inputs(rows, in_features, out_features, dtype, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=g).to(dtype)
@@ -130,7 +138,7 @@ def test_kernel_linear_leaves_autograd_to_torch(kernel):
     assert linear.weight.grad is not None
 
 
-def test_use_decode_linears_swaps_every_servable_linear_and_packing_leaves_them(kernel):
+def test_use_decode_linears_swaps_every_servable_linear_and_packing_leaves_them(kernel, avx512):
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 32),
         torch.nn.Linear(32, 8).bfloat16(),
@@ -150,7 +158,14 @@ def test_use_decode_linears_swaps_every_servable_linear_and_packing_leaves_them(
         use_decode_linears(model, "fast")
 
 
-def test_a_kernel_that_does_not_build_leaves_torchs_linears(tmp_path, monkeypatch):
+def test_without_avx512_auto_keeps_torchs_linears(monkeypatch):
+    monkeypatch.setattr(decode_linear, "cpu_has_avx512", lambda: False)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    assert use_decode_linears(model) == 0
+    assert type(model[0]) is torch.nn.Linear
+
+
+def test_a_kernel_that_does_not_build_leaves_torchs_linears(tmp_path, monkeypatch, avx512):
     broken = tmp_path / "decode_linear.cpp"
     broken.write_text("#error this compiler refuses\n")
     monkeypatch.setattr(decode_linear, "SOURCE", broken)
@@ -167,7 +182,9 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_start(kernel
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_loaded_model_decodes_the_same_text_on_the_kernel(kernel, default_model_dir, dtype):
+def test_the_loaded_model_decodes_the_same_text_on_the_kernel(
+    kernel, avx512, default_model_dir, dtype
+):
     """The default model as the worker loads it, on the kernel and on
     torch's linears: the same greedy text, and the tied lm_head still reads
     the embedding's weight."""
