@@ -34,8 +34,7 @@ _lock = threading.Lock()
 _built: dict[Path, ModuleType | None] = {}
 
 
-def cpu_flags() -> str:
-    """This CPU's feature flags line from /proc/cpuinfo (or a stand-in)."""
+def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -52,7 +51,7 @@ def build_key(source: Path) -> str:
     h = hashlib.sha256(source.read_bytes())
     for header in sorted(source.parent.glob("*.h")):
         h.update(header.read_bytes())
-    for part in (*CFLAGS, torch.__version__, sys.version, cpu_flags()):
+    for part in (*CFLAGS, torch.__version__, sys.version, _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -77,12 +76,6 @@ def built_at(name: str) -> Path | None:
     return next(
         (p for p, m in _built.items() if m is not None and p.name.startswith(f"{name}-")), None
     )
-
-
-def forget() -> None:
-    """Drops what this process loaded, so the next `load` looks again (tests)."""
-    with _lock:
-        _built.clear()
 
 
 def _build(name: str, source: Path, where: Path) -> ModuleType | None:

@@ -77,7 +77,10 @@ def cpu_has_avx512() -> bool:
     32 registers. With AVX2's 16 registers of half the width they would
     spill, and it was measured only on AVX-512 CPUs (Zen 4), so elsewhere
     torch's linears serve."""
-    return "avx512f" in cpp_kernel.cpu_flags().split()
+    try:  # the same probes as loader.cpu_has_native_bf16
+        return bool(torch.cpu._is_avx512_supported())
+    except AttributeError:  # a torch without the probe: assume not
+        return False
 
 
 def _servable(module: torch.nn.Module) -> bool:
@@ -100,16 +103,16 @@ def use_decode_linears(model: torch.nn.Module, mode: str = "auto", cache_dir: st
     check_decode_linear(mode)
     if mode == "torch":
         return 0
-    if not cpu_has_avx512():
-        log.info("linears stay on torch: the decode-linear kernel is tuned for AVX-512 CPUs")
-        return 0
     targets = [
         (parent, name, child)
         for parent in list(model.modules())
         for name, child in list(parent.named_children())
         if _servable(child)
     ]
-    if not targets:
+    if not targets:  # e.g. a model on a GPU
+        return 0
+    if not cpu_has_avx512():
+        log.info("linears stay on torch: the decode-linear kernel is tuned for AVX-512 CPUs")
         return 0
     kernel = load_kernel(cache_dir)
     if kernel is None:

@@ -4,9 +4,10 @@
 // Why not oneDNN or MKL: at 1–16 rows a linear is a pass over its weight,
 // and their gemv/small-gemm paths streamed weights at a third to a half of
 // what a plain sum reads on 2-core EPYCs and Xeons (README, issue 14). Here
-// each thread walks its own contiguous run of weight rows once, four rows at
-// a time against up to four rows of x in registers, and the weight stays in
-// the plain [out, in] layout the model already holds (no packed copy).
+// each thread walks its own contiguous run of weight rows once, in tiles of
+// 16 sums (16, 8 or 4 weight rows against 1, 2 or up to 4 rows of x in
+// registers: `out_block`), and the weight stays in the plain [out, in]
+// layout the model already holds (no packed copy).
 //
 // Sums run in float32 whatever the dtype (as oneDNN's do), in another order,
 // so results match torch's linear to float rounding, not bit for bit.
@@ -18,9 +19,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstring>
-#include <vector>
+#include <type_traits>
 
 #include "vec16.h"
 
